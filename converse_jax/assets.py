@@ -14,13 +14,13 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def assets_dir() -> Path:
-  """The assets folder: ``$CONVERSE_ASSETS`` or ``<repo>/../shared``."""
-  env = os.environ.get("CONVERSE_ASSETS")
-  if env:
-    return Path(env).expanduser()
-  return _REPO_ROOT.parent / "shared"
+    """The assets folder: ``$CONVERSE_ASSETS`` or ``<repo>/../shared``."""
+    env = os.environ.get("CONVERSE_ASSETS")
+    if env:
+        return Path(env).expanduser()
+    return _REPO_ROOT.parent / "shared"
 
 
 def asset(*parts: str) -> Path:
-  """A path inside the assets folder (it may not exist)."""
-  return assets_dir().joinpath(*parts)
+    """A path inside the assets folder (it may not exist)."""
+    return assets_dir().joinpath(*parts)

@@ -1,19 +1,12 @@
-import os
-
 import pytest
 
 from converse_jax.assets import asset, assets_dir
 
 
 def require_asset(*parts):
-  """Return the path of a shared asset, or skip the test saying what is missing."""
-  path = asset(*parts)
-  if not path.exists():
-    pytest.skip(f"asset {path} not found: set CONVERSE_ASSETS to the shared folder "
-                f"(default {assets_dir()}) to run this test")
-  return path
-
-
-@pytest.fixture
-def shared_asset():
-  return require_asset
+    """Return the path of a shared asset, or skip the test saying what is missing."""
+    path = asset(*parts)
+    if not path.exists():
+        pytest.skip(f"asset {path} not found: set CONVERSE_ASSETS to the shared folder "
+                    f"(default {assets_dir()}) to run this test")
+    return path
