@@ -1,0 +1,266 @@
+"""Image degradations of the paper's test protocols (PAPER.md section 4), in numpy.
+
+Each function reproduces the reference's arithmetic so that the degraded test inputs equal
+``golden/protocols.npz``:
+
+- :func:`add_noise`: additive white Gaussian noise drawn from numpy's legacy ``RandomState``
+  (the reference seeds the global generator with ``np.random.seed(0)`` before each image);
+- :func:`imresize`: MATLAB-style bicubic resize with antialiasing when shrinking;
+- :func:`blur`: 2-D circular convolution (``scipy.ndimage.convolve(..., mode='wrap')``); a
+  uint8 image stays uint8, as in the reference's deblurring protocol;
+- :func:`modcrop`: crop height and width down to a multiple of a factor.
+
+The training pipeline uses the same functions (``imresize`` for LR patches, ``add_noise`` and
+``blur`` for synthetic degradations). All images are channels-last: (H, W) or (H, W, C);
+``imresize`` also takes batches (N, H, W, C).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Union
+
+import numpy as np
+from scipy import ndimage
+
+from converse_jax.assets import asset
+
+__all__ = [
+    "add_noise",
+    "blur",
+    "imresize",
+    "load_kernel",
+    "modcrop",
+    "normalize_kernel",
+    "paper_kernel",
+    "resize_matrix",
+    "to_float",
+    "to_uint8",
+]
+
+RandomLike = Union[None, int, np.random.RandomState, np.random.Generator]
+
+
+def to_float(img: np.ndarray) -> np.ndarray:
+    """uint8 image -> float32 in [0, 1] (``img / 255``, correctly rounded as the reference)."""
+    img = np.asarray(img)
+    if img.dtype != np.uint8:
+        raise ValueError(f"to_float expects a uint8 image, got dtype {img.dtype}")
+    return img.astype(np.float32) / np.float32(255.0)
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    """Float image in [0, 1] -> uint8: clip to [0, 1], times 255, round half to even.
+
+    The arithmetic stays in the input's precision (float32 for network outputs), as in the
+    reference's ``tensor2uint``.
+    """
+    img = np.asarray(img)
+    if not np.issubdtype(img.dtype, np.floating):
+        raise ValueError(f"to_uint8 expects a float image in [0, 1], got dtype {img.dtype}")
+    scaled = np.clip(img, 0, 1) * img.dtype.type(255.0)
+    return np.round(scaled).astype(np.uint8)
+
+
+def modcrop(img: np.ndarray, scale: int) -> np.ndarray:
+    """Crop the bottom/right of ``img`` (H, W[, C]) so that H and W are multiples of ``scale``."""
+    img = np.asarray(img)
+    if img.ndim not in (2, 3):
+        raise ValueError(f"modcrop expects an (H, W) or (H, W, C) image, got shape {img.shape}")
+    if int(scale) < 1:
+        raise ValueError(f"modcrop scale must be a positive integer, got {scale}")
+    scale = int(scale)
+    h, w = img.shape[:2]
+    hc, wc = h - h % scale, w - w % scale
+    if hc == 0 or wc == 0:
+        raise ValueError(f"image of size {h}x{w} is smaller than the crop multiple {scale}")
+    return img[:hc, :wc]
+
+
+def _generator(rng: RandomLike) -> Union[np.random.RandomState, np.random.Generator]:
+    if rng is None:
+        return np.random.default_rng()
+    if isinstance(rng, (np.random.RandomState, np.random.Generator)):
+        return rng
+    if isinstance(rng, (int, np.integer)):
+        return np.random.RandomState(int(rng))
+    raise ValueError(f"rng must be None, an int seed, a RandomState or a Generator, got {type(rng)}")
+
+
+def add_noise(img: np.ndarray, sigma: float, rng: RandomLike = 0) -> np.ndarray:
+    """Add white Gaussian noise of standard deviation ``sigma / 255`` to a float image.
+
+    ``rng`` may be an int seed (a fresh legacy ``RandomState``: seed 0 gives the stream of the
+    reference's ``np.random.seed(0); np.random.normal(...)``), a ``RandomState``, a
+    ``Generator`` or None (fresh entropy). The sum is formed in float64 and stored in the
+    image's dtype, without clipping, as the reference's in-place ``+=``.
+    """
+    img = np.asarray(img)
+    if not np.issubdtype(img.dtype, np.floating):
+        raise ValueError(f"add_noise expects a float image in [0, 1], got dtype {img.dtype}")
+    if not sigma >= 0:
+        raise ValueError(f"noise level sigma must be >= 0 (0..255 scale), got {sigma}")
+    noise = _generator(rng).normal(0.0, sigma / 255.0, img.shape)
+    return (img + noise).astype(img.dtype)
+
+
+def normalize_kernel(kernel: np.ndarray) -> np.ndarray:
+    """A 2-D blur kernel as float64 that sums to 1 (raises ValueError if it cannot)."""
+    k = np.asarray(kernel, dtype=np.float64)
+    if k.ndim == 3 and k.shape[-1] == 1:
+        k = k[..., 0]
+    if k.ndim != 2 or k.size == 0:
+        raise ValueError(f"a blur kernel must be a 2-D array, got shape {np.shape(kernel)}")
+    if not np.all(np.isfinite(k)):
+        raise ValueError("the blur kernel contains NaN or infinite values")
+    total = k.sum()
+    if not abs(total) > 1e-12:
+        raise ValueError("the blur kernel sums to 0 and cannot be normalised to sum 1")
+    return k / total
+
+
+def blur(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """2-D circular convolution of each channel of ``img`` (H, W[, C]) with ``kernel``.
+
+    ``scipy.ndimage.convolve(img, kernel[..., None], mode='wrap')`` as the reference: the
+    output has the input's dtype, so a uint8 image gives a uint8 blurred image (the float
+    result converted by scipy) and a float image a float one.
+    """
+    img = np.asarray(img)
+    k = np.asarray(kernel, dtype=np.float64)
+    if k.ndim != 2:
+        raise ValueError(f"blur kernel must be 2-D, got shape {k.shape}")
+    if img.ndim == 3:
+        k = k[..., None]
+    elif img.ndim != 2:
+        raise ValueError(f"blur expects an (H, W) or (H, W, C) image, got shape {img.shape}")
+    return ndimage.convolve(img, k, mode="wrap")
+
+
+def load_kernel(path: str) -> np.ndarray:
+    """Read a blur kernel from a ``.npy`` file or a grayscale image; normalised to sum 1."""
+    import os
+
+    if not os.path.isfile(path):
+        raise ValueError(f"kernel file {path} does not exist")
+    if str(path).lower().endswith(".npy"):
+        try:
+            k = np.load(path, allow_pickle=False)
+        except Exception as exc:  # noqa: BLE001 - reported as one line
+            raise ValueError(f"cannot read kernel {path} as a .npy array ({exc})") from None
+    else:
+        from converse_jax.imageio import read_image
+
+        k = read_image(path, color="gray")[..., 0].astype(np.float64)
+    try:
+        return normalize_kernel(k)
+    except ValueError as exc:
+        raise ValueError(f"kernel {path}: {exc}") from None
+
+
+def paper_kernel(index: int) -> np.ndarray:
+    """Kernel ``index`` (1..5) of the paper's deblurring table, from the shared assets."""
+    path = asset("blur_kernels", f"kernel_{int(index)}.npy")
+    if not path.exists():
+        raise ValueError(f"blur kernel {path} not found: set CONVERSE_ASSETS to the shared folder "
+                         "holding blur_kernels/kernel_{1..5}.npy")
+    return np.load(path)
+
+
+# ----------------------------------------------------------------------------------------
+# MATLAB-style bicubic resize
+
+
+def _cubic(x: np.ndarray) -> np.ndarray:
+    """Keys' cubic convolution kernel with a = -0.5 (MATLAB's ``cubic``)."""
+    ax = np.abs(x)
+    ax2 = ax * ax
+    ax3 = ax2 * ax
+    inner = (1.5 * ax3 - 2.5 * ax2 + 1.0) * (ax <= 1)
+    outer = (-0.5 * ax3 + 2.5 * ax2 - 4.0 * ax + 2.0) * ((ax > 1) & (ax <= 2))
+    return inner + outer
+
+
+@functools.lru_cache(maxsize=256)
+def _resize_taps(in_len: int, out_len: int, scale: float, antialias: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Weights (out_len, P) and 0-based input indices (out_len, P) of a 1-D bicubic resize."""
+    width = 4.0
+    shrink_aa = scale < 1 and antialias
+    if shrink_aa:
+        width = width / scale
+    # Output pixel i (1-based) maps to input coordinate u (1-based), MATLAB's convention.
+    u = np.arange(1, out_len + 1, dtype=np.float64) / scale + 0.5 * (1.0 - 1.0 / scale)
+    left = np.floor(u - width / 2.0)
+    taps = int(math.ceil(width)) + 2
+    idx = left[:, None] + np.arange(taps, dtype=np.float64)[None, :]
+    dist = u[:, None] - idx
+    if shrink_aa:
+        w = scale * _cubic(dist * scale)
+    else:
+        w = _cubic(dist)
+    w = w / w.sum(axis=1, keepdims=True)
+    # Taps whose weight is zero for every output pixel contribute nothing: drop them.
+    keep = np.any(w != 0, axis=0)
+    w, idx = w[:, keep], idx[:, keep]
+    # Symmetric boundary (edge sample repeated): fold 0-based indices into [0, in_len).
+    j = idx.astype(np.int64) - 1
+    period = 2 * in_len
+    j = np.mod(j, period)
+    j = np.where(j >= in_len, period - 1 - j, j)
+    w.setflags(write=False)
+    j.setflags(write=False)
+    return w, j
+
+
+def resize_matrix(in_len: int, out_len: int, scale: float, antialias: bool = True) -> np.ndarray:
+    """The (out_len, in_len) float64 matrix of a 1-D MATLAB bicubic resize by ``scale``.
+
+    Rows hold the normalised cubic weights, with the symmetric boundary folded in.
+    """
+    if in_len < 1 or out_len < 1:
+        raise ValueError(f"resize lengths must be positive, got {in_len} -> {out_len}")
+    w, j = _resize_taps(int(in_len), int(out_len), float(scale), bool(antialias))
+    mat = np.zeros((out_len, in_len), dtype=np.float64)
+    rows = np.broadcast_to(np.arange(out_len)[:, None], j.shape)
+    np.add.at(mat, (rows, j), w)
+    return mat
+
+
+def _resize_axis(x: np.ndarray, axis: int, out_len: int, scale: float, antialias: bool) -> np.ndarray:
+    w, j = _resize_taps(x.shape[axis], out_len, scale, antialias)
+    shape = [1] * x.ndim
+    shape[axis] = out_len
+    out = None
+    for t in range(w.shape[1]):
+        term = np.take(x, j[:, t], axis=axis) * w[:, t].reshape(shape)
+        out = term if out is None else out + term
+    return out
+
+
+def imresize(img: np.ndarray, scale: float, antialiasing: bool = True) -> np.ndarray:
+    """MATLAB ``imresize(img, scale, 'bicubic')`` on a float image, vectorised.
+
+    ``img``: (H, W), (H, W, C) or a batch (N, H, W, C), float in [0, 1]. The output has
+    size ``ceil(H * scale) x ceil(W * scale)`` and the input's float dtype; it is not clipped
+    or quantised. Height is resized first, then width (the reference's order); the sums are
+    formed in float64. When shrinking with ``antialiasing`` the cubic kernel is widened by
+    ``1 / scale``; the boundary is symmetric (edge pixel repeated).
+    """
+    img = np.asarray(img)
+    if not np.issubdtype(img.dtype, np.floating):
+        raise ValueError(f"imresize expects a float image, got dtype {img.dtype}; "
+                         "convert uint8 images with to_float first")
+    if img.ndim not in (2, 3, 4):
+        raise ValueError(f"imresize expects (H, W), (H, W, C) or (N, H, W, C), got shape {img.shape}")
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"imresize scale must be a positive number, got {scale}")
+    hax = 1 if img.ndim == 4 else 0
+    in_h, in_w = img.shape[hax], img.shape[hax + 1]
+    if in_h < 1 or in_w < 1:
+        raise ValueError(f"imresize got an empty image of shape {img.shape}")
+    out_h, out_w = math.ceil(in_h * scale), math.ceil(in_w * scale)
+    x = img.astype(np.float64)
+    x = _resize_axis(x, hax, out_h, float(scale), bool(antialiasing))
+    x = _resize_axis(x, hax + 1, out_w, float(scale), bool(antialiasing))
+    return x.astype(img.dtype)

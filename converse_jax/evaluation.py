@@ -1,0 +1,510 @@
+"""The paper's test protocols as a library: degrade, restore, measure.
+
+- :func:`resolve_protocol` takes a model's :class:`~converse_jax.models.spec.EvalProtocol` and
+  applies overrides (dataset, noise level, kernels);
+- :func:`make_pair` turns a ground-truth uint8 image into (cropped ground truth, network input)
+  exactly as the reference's test scripts do;
+- :class:`Restorer` runs a model on one image under ``jax.jit`` (one compilation per input
+  shape), optionally with the 8-fold flip/rotate self-ensemble;
+- :func:`evaluate` runs a whole folder and returns an :class:`EvalReport` (per-image and
+  average PSNR/SSIM, per kernel for deblurring) that prints as a table or dumps to JSON;
+- :func:`restore_array` restores a user's image, handling gray/RGB mismatches per model.
+
+``experiments/evaluate.py`` and ``experiments/restore.py`` are thin command lines over this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from converse_jax import degradations as D
+from converse_jax import metrics as M
+from converse_jax.assets import asset
+from converse_jax.imageio import list_images, read_image, write_image
+
+__all__ = [
+    "DATASETS",
+    "DatasetInfo",
+    "EvalReport",
+    "ImageResult",
+    "Restorer",
+    "RunResult",
+    "dataset_dir",
+    "dihedral",
+    "dihedral_inverse",
+    "evaluate",
+    "get_model_spec",
+    "load_model",
+    "load_test_images",
+    "make_pair",
+    "paper_value",
+    "resolve_protocol",
+    "restore_array",
+]
+
+KERNEL_TASKS = ("deblur", "deblur_nonblind")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """A named test set: where the bundled copy lives (None: the user passes --data-dir)."""
+
+    name: str
+    title: str
+    bundled: Optional[tuple[str, ...]]
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "set12": DatasetInfo("set12", "Set12", ("testsets", "Set12")),
+    "bsd68": DatasetInfo("bsd68", "BSD68", None),
+    "set5": DatasetInfo("set5", "Set5", ("testsets", "Set5")),
+    "set14": DatasetInfo("set14", "Set14", None),
+    "bsd100": DatasetInfo("bsd100", "BSD100", None),
+    "urban100": DatasetInfo("urban100", "Urban100", None),
+}
+
+
+def dataset_dir(name: str, data_dir: Optional[Union[str, Path]] = None) -> Path:
+    """The folder of test set ``name``: ``data_dir`` if given, else the bundled copy.
+
+    Raises ValueError for an unknown name, a set that is not bundled when no ``data_dir`` is
+    given, or a missing bundled copy.
+    """
+    key = name.lower()
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)} "
+                         "(or pass --data-dir=DIR for any folder of images)")
+    info = DATASETS[key]
+    if info.bundled is None:
+        raise ValueError(f"dataset {key} is not bundled: pass --data-dir=DIR pointing at a folder "
+                         f"with the {info.title} images")
+    path = asset(*info.bundled)
+    if not path.is_dir():
+        raise ValueError(f"bundled dataset {key} not found at {path}: set CONVERSE_ASSETS to the "
+                         "shared folder or pass --data-dir=DIR")
+    return path
+
+
+def resolve_protocol(spec: Any, *, dataset: Optional[str] = None, sigma: Optional[float] = None,
+                     kernels: Optional[Sequence[int]] = None, border: Optional[int] = None) -> Any:
+    """The model's paper protocol (``spec.protocol``) with the given fields overridden."""
+    proto = spec.protocol
+    changes: dict[str, Any] = {}
+    if dataset is not None:
+        changes["dataset"] = dataset.lower()
+    if sigma is not None:
+        if not sigma >= 0:
+            raise ValueError(f"--sigma must be >= 0 (0..255 scale), got {sigma}")
+        if spec.task != "denoise":
+            raise ValueError(f"--sigma applies to denoising models; {spec.name} is a {spec.task} model")
+        changes["sigma"] = float(sigma)
+    if kernels is not None:
+        if spec.task not in KERNEL_TASKS:
+            raise ValueError(f"--kernel applies to deblurring models; {spec.name} is a {spec.task} model")
+        for k in kernels:
+            if not 1 <= int(k) <= 5:
+                raise ValueError(f"--kernel must be one of 1..5 (the paper's kernels), got {k}")
+        changes["kernels"] = tuple(int(k) for k in kernels)
+    if border is not None:
+        if border < 0:
+            raise ValueError(f"border must be >= 0, got {border}")
+        changes["border"] = int(border)
+    return dataclasses.replace(proto, **changes) if changes else proto
+
+
+def paper_value(protocol: Any, dataset: str, kernel: Optional[int] = None) -> Optional[float]:
+    """The paper's table entry for ``dataset`` (and deblurring ``kernel``), if it has one."""
+    table = getattr(protocol, "paper", None) or {}
+    value = None
+    for key in (dataset, dataset.lower()):
+        if key in table:
+            value = table[key]
+            break
+    if value is None:
+        lowered = {str(k).lower(): v for k, v in table.items()}
+        value = lowered.get(dataset.lower())
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        if kernel is None or not 1 <= kernel <= len(value):
+            return None
+        return float(value[kernel - 1])
+    return float(value) if kernel is None else None
+
+
+def get_model_spec(name: str) -> Any:
+    """The registry's spec of model ``name`` (ValueError listing the known names otherwise)."""
+    from converse_jax import models
+
+    names = list(models.list_models())
+    if name not in names:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(names)}")
+    return models.get_spec(name)
+
+
+def load_model(name: str, weights: Optional[Union[str, Path]] = None) -> tuple[Any, Any]:
+    """(model with weights, spec) for ``name``.
+
+    ``weights``: a checkpoint path; without it the released file in the shared assets
+    (``weights/<release file>``) if present, else :func:`converse_jax.load_pretrained`'s cache
+    (which downloads the release on first use).
+    """
+    from converse_jax.weights import load_pretrained
+
+    spec = get_model_spec(name)
+    path: Optional[Path] = None
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.exists():
+            raise ValueError(f"weights file {path} not found: check --weights")
+    elif spec.release is not None and asset("weights", spec.release.filename).is_file():
+        path = asset("weights", spec.release.filename)
+    return load_pretrained(name, path, progress=False), spec
+
+
+# ----------------------------------------------------------------------------------------
+# Degrading a ground truth as the reference does
+
+
+def make_pair(hr: np.ndarray, protocol: Any, task: str,
+              kernel: Optional[np.ndarray] = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(ground truth uint8 after modcrop, network input float32) for one test image.
+
+    - ``denoise``: input = gt / 255 + N(0, sigma / 255), seeded with ``seed`` per image;
+    - ``sr``: input = MATLAB bicubic downscale of gt / 255 by ``1 / protocol.scale``;
+    - ``deblur`` / ``deblur_nonblind``: input = circular blur of the uint8 gt (kept uint8)
+      / 255 + N(0, blur_noise / 255), seeded with ``seed`` per image.
+    """
+    hr = np.asarray(hr)
+    if hr.dtype != np.uint8 or hr.ndim != 3:
+        raise ValueError(f"make_pair expects a uint8 (H, W, C) image, got {hr.dtype} {hr.shape}")
+    if task == "denoise":
+        gt = D.modcrop(hr, max(1, protocol.modcrop))
+        return gt, D.add_noise(D.to_float(gt), protocol.sigma, rng=seed)
+    if task == "sr":
+        scale = int(protocol.scale)
+        crop = max(1, protocol.modcrop)
+        if crop % scale:
+            crop = crop * scale // math.gcd(crop, scale)
+        gt = D.modcrop(hr, crop)
+        return gt, D.imresize(D.to_float(gt), 1.0 / scale)
+    if task in KERNEL_TASKS:
+        if kernel is None:
+            raise ValueError("deblurring needs a blur kernel")
+        gt = D.modcrop(hr, max(1, protocol.modcrop))
+        blurred = D.blur(gt, kernel)
+        return gt, D.add_noise(D.to_float(blurred), protocol.blur_noise, rng=seed)
+    raise ValueError(f"unknown task {task!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# Running a model
+
+
+def dihedral(x: np.ndarray, mode: int) -> np.ndarray:
+    """One of the 8 flip/rotate transforms of the two leading spatial axes of ``x``.
+
+    ``mode`` = 4 * flip + k: rotate by k * 90 degrees, then flip vertically if ``flip``.
+    """
+    x = np.rot90(x, mode % 4, axes=(0, 1))
+    return np.flip(x, axis=0) if mode >= 4 else x
+
+
+def dihedral_inverse(x: np.ndarray, mode: int) -> np.ndarray:
+    """The inverse of :func:`dihedral` with the same ``mode``."""
+    if mode >= 4:
+        x = np.flip(x, axis=0)
+    return np.rot90(x, -(mode % 4), axes=(0, 1))
+
+
+class Restorer:
+    """A model's forward pass on single images, compiled once per input shape.
+
+    ``restorer(x)``: x float32 (H, W, C) in [0, 1] -> float32 (H*s, W*s, C_out), not clipped.
+    ``kernel`` (kh, kw) and ``sf`` are passed to non-blind models (``model(x, kernel, sf=sf)``).
+    ``x8=True`` averages the outputs of the 8 flipped/rotated copies of the input (kernel
+    transformed alike), each mapped back. The model's current weights are read at every
+    call, so a training loop can keep one Restorer (and its compilations) across updates.
+    """
+
+    def __init__(self, model: Any, takes_kernel: bool = False) -> None:
+        import jax
+        from flax import nnx
+
+        self.takes_kernel = bool(takes_kernel)
+        self.model = model
+        graphdef, _ = nnx.split(model)
+
+        def forward(state: Any, x: Any, kernel: Any, sf: int) -> Any:
+            net = nnx.merge(graphdef, state)
+            if kernel is None:
+                return net(x)
+            return net(x, kernel, sf=sf)
+
+        self._forward = jax.jit(forward, static_argnames=("sf",))
+
+    def _run(self, x: np.ndarray, kernel: Optional[np.ndarray], sf: int) -> np.ndarray:
+        import jax.numpy as jnp
+        from flax import nnx
+
+        state = nnx.state(self.model)  # current weights: a training loop may reuse this object
+
+        batch = jnp.asarray(np.ascontiguousarray(x[None], dtype=np.float32))
+        if self.takes_kernel:
+            if kernel is None:
+                raise ValueError("this model needs a blur kernel")
+            k = jnp.asarray(np.ascontiguousarray(kernel[None], dtype=np.float32))
+            out = self._forward(state, batch, k, sf=int(sf))
+        else:
+            out = self._forward(state, batch, None, sf=1)
+        return np.asarray(out[0])
+
+    def __call__(self, x: np.ndarray, kernel: Optional[np.ndarray] = None, sf: int = 1,
+                 x8: bool = False) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 3:
+            raise ValueError(f"Restorer expects an (H, W, C) image, got shape {x.shape}")
+        if not x8:
+            return self._run(x, kernel, sf)
+        acc = None
+        for mode in range(8):
+            kt = None if kernel is None else dihedral(np.asarray(kernel), mode)
+            out = dihedral_inverse(self._run(dihedral(x, mode), kt, sf), mode)
+            acc = out.astype(np.float32) if acc is None else acc + out
+        return acc / np.float32(8.0)
+
+
+# ----------------------------------------------------------------------------------------
+# Results
+
+
+@dataclasses.dataclass
+class ImageResult:
+    image: str
+    psnr: float
+    ssim: float
+    psnr_y: Optional[float] = None
+    ssim_y: Optional[float] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"image": self.image, "psnr": self.psnr, "ssim": self.ssim}
+        if self.psnr_y is not None:
+            d["psnr_y"] = self.psnr_y
+            d["ssim_y"] = self.ssim_y
+        return d
+
+
+@dataclasses.dataclass
+class RunResult:
+    """One pass over a dataset (one kernel for deblurring)."""
+
+    per_image: list[ImageResult]
+    kernel: Optional[int] = None
+    paper: Optional[float] = None
+
+    @property
+    def average(self) -> dict[str, float]:
+        keys = ["psnr", "ssim"]
+        if self.per_image and self.per_image[0].psnr_y is not None:
+            keys += ["psnr_y", "ssim_y"]
+        return {k: float(np.mean([getattr(r, k) for r in self.per_image])) for k in keys}
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        if self.kernel is not None:
+            d["kernel"] = self.kernel
+        d["per_image"] = [r.to_dict() for r in self.per_image]
+        d["average"] = self.average
+        if self.paper is not None:
+            d["paper"] = self.paper
+        return d
+
+
+@dataclasses.dataclass
+class EvalReport:
+    model: str
+    dataset: str
+    task: str
+    protocol: Any
+    runs: list[RunResult]
+    x8: bool = False
+
+    def protocol_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self.protocol) if dataclasses.is_dataclass(self.protocol) else dict(self.protocol)
+        d.pop("paper", None)
+        d["x8"] = self.x8
+        return d
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"model": self.model, "dataset": self.dataset, "protocol": self.protocol_dict()}
+        if self.task in KERNEL_TASKS:
+            d["kernels"] = [r.to_dict() for r in self.runs]
+        else:
+            d.update(self.runs[0].to_dict())
+        return d
+
+    @property
+    def metric_key(self) -> str:
+        return "psnr_y" if getattr(self.protocol, "metric", "rgb") == "y" else "psnr"
+
+    def format_table(self) -> str:
+        """Per-image rows and the average, with the paper's number where it has one."""
+        lines = []
+        what = {"denoise": f"sigma {self.protocol.sigma:g}", "sr": f"x{self.protocol.scale}"}.get(self.task, "")
+        head = f"{self.model} on {self.dataset}" + (f" ({what})" if what else "") + (", x8 ensemble" if self.x8 else "")
+        lines.append(head)
+        for run in self.runs:
+            has_y = run.per_image and run.per_image[0].psnr_y is not None
+            width = max([len("average")] + [len(r.image) for r in run.per_image])
+            if run.kernel is not None:
+                lines.append(f"kernel {run.kernel}")
+            cols = ["PSNR", "SSIM"] + (["PSNR_Y", "SSIM_Y"] if has_y else [])
+            lines.append(f"  {'image':<{width}}  " + "  ".join(f"{c:>8}" for c in cols))
+            for r in run.per_image:
+                vals = [r.psnr, r.ssim] + ([r.psnr_y, r.ssim_y] if has_y else [])
+                lines.append(f"  {r.image:<{width}}  " + "  ".join(_fmt(c, v) for c, v in zip(cols, vals)))
+            avg = run.average
+            vals = [avg["psnr"], avg["ssim"]] + ([avg["psnr_y"], avg["ssim_y"]] if has_y else [])
+            line = f"  {'average':<{width}}  " + "  ".join(_fmt(c, v) for c, v in zip(cols, vals))
+            if run.paper is not None:
+                label = "Y-PSNR" if self.metric_key == "psnr_y" else "PSNR"
+                line += f"   (paper {label}: {run.paper:.2f} dB)"
+            lines.append(line)
+        if len(self.runs) > 1:
+            key = self.metric_key
+            ours = "  ".join(f"{r.average[key]:.2f}" for r in self.runs)
+            lines.append(f"kernels {' '.join(str(r.kernel) for r in self.runs)}: {ours}")
+            if all(r.paper is not None for r in self.runs):
+                lines.append(f"paper:       {'  '.join(f'{r.paper:.2f}' for r in self.runs)}")
+        return "\n".join(lines)
+
+
+def _fmt(col: str, v: float) -> str:
+    return f"{v:8.4f}" if col.startswith("SSIM") else f"{v:8.3f}"
+
+
+# ----------------------------------------------------------------------------------------
+# The evaluation loop
+
+
+def _takes_kernel(spec: Any) -> bool:
+    return spec.task == "deblur_nonblind"
+
+
+def load_test_images(folder: Union[str, Path], color: str) -> list[tuple[str, np.ndarray]]:
+    """All images of ``folder`` as (file name, uint8 (H, W, C)), read up front.
+
+    Raises :class:`~converse_jax.imageio.ImageError` (a ValueError) naming the first file that
+    cannot be read, before any time is spent on the network.
+    """
+    return [(p.name, read_image(p, color=color)) for p in list_images(folder)]
+
+
+def evaluate(model: Any, spec: Any, images: Union[str, Path, Sequence[tuple[str, np.ndarray]]], *,
+             protocol: Any = None, dataset: Optional[str] = None, x8: bool = False,
+             save_dir: Optional[Union[str, Path]] = None, progress: bool = True,
+             restorer: Optional[Restorer] = None,
+             on_image: Optional[Callable[[ImageResult], None]] = None) -> EvalReport:
+    """Run the test protocol of ``spec`` (or ``protocol``) with ``model`` on ``images``.
+
+    ``images``: a folder or a list of (name, uint8 (H, W, C)) ground truths in the protocol's
+    colour mode. Deblurring models run every kernel of ``protocol.kernels``. Restored images
+    go to ``save_dir`` (``<stem>.png``, or ``<stem>_k<N>.png`` for deblurring) when given.
+    """
+    from tqdm.auto import tqdm
+
+    protocol = protocol if protocol is not None else spec.protocol
+    dataset = dataset or protocol.dataset
+    if isinstance(images, (str, Path)):
+        images = load_test_images(images, protocol.color)
+    images = list(images)
+    if not images:
+        raise ValueError("no test images given")
+    restorer = restorer or Restorer(model, takes_kernel=_takes_kernel(spec))
+    save_path = Path(save_dir) if save_dir is not None else None
+    if save_path is not None:
+        save_path.mkdir(parents=True, exist_ok=True)
+    border = int(protocol.border)
+    want_y = protocol.color == "rgb"
+
+    kernel_ids: list[Optional[int]]
+    if spec.task in KERNEL_TASKS:
+        kernel_ids = list(protocol.kernels) or [1, 2, 3, 4, 5]
+    else:
+        kernel_ids = [None]
+
+    runs = []
+    for kid in kernel_ids:
+        kernel = D.paper_kernel(kid) if kid is not None else None
+        results = []
+        desc = f"{spec.name} {dataset}" + (f" k{kid}" if kid is not None else "")
+        bar = tqdm(images, desc=desc, unit="img", disable=not progress, leave=False)
+        for name, hr in bar:
+            gt, lq = make_pair(hr, protocol, spec.task, kernel)
+            out = restorer(lq, kernel if restorer.takes_kernel else None, sf=1, x8=x8)
+            if out.shape[:2] != gt.shape[:2]:
+                raise ValueError(f"{name}: model output is {out.shape[0]}x{out.shape[1]}, expected "
+                                 f"{gt.shape[0]}x{gt.shape[1]}; does the model match the protocol?")
+            if out.shape[-1] != gt.shape[-1]:
+                raise ValueError(f"{name}: model outputs {out.shape[-1]} channels, the ground truth has "
+                                 f"{gt.shape[-1]}")
+            restored = D.to_uint8(out)
+            m = M.image_metrics(restored, gt, border=border, y_channel=want_y)
+            res = ImageResult(name, m["psnr"], m["ssim"], m.get("psnr_y"), m.get("ssim_y"))
+            results.append(res)
+            if progress:
+                bar.set_postfix(psnr=f"{res.psnr:.2f}")
+            if on_image is not None:
+                on_image(res)
+            if save_path is not None:
+                stem = Path(name).stem + (f"_k{kid}" if kid is not None else "")
+                write_image(save_path / f"{stem}.png", restored)
+        bar.close()
+        runs.append(RunResult(results, kernel=kid, paper=paper_value(protocol, dataset, kid)))
+    return EvalReport(spec.name, dataset, spec.task, protocol, runs, x8=x8)
+
+
+# ----------------------------------------------------------------------------------------
+# Restoring a user's image
+
+
+def restore_array(restorer: Restorer, spec: Any, img: np.ndarray, *,
+                  kernel: Optional[np.ndarray] = None, sf: int = 1, x8: bool = False) -> np.ndarray:
+    """Restore a uint8 image (H, W, 1 or 3) with the model of ``spec``; returns uint8.
+
+    The output keeps the input's mode: a gray model restores each channel of an RGB image
+    separately; an RGB model sees a gray image as three equal channels and returns their
+    mean. Non-blind models need ``kernel`` (normalised to sum 1 here); ``sf`` is their scale.
+    """
+    img = np.asarray(img)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] not in (1, 3):
+        raise ValueError(f"restore expects a uint8 gray or RGB image, got {img.dtype} {img.shape}")
+    if _takes_kernel(spec):
+        if kernel is None:
+            raise ValueError(f"model {spec.name} is non-blind: pass a blur kernel (--kernel=FILE, "
+                             ".npy or image)")
+        kernel = D.normalize_kernel(kernel)
+    elif kernel is not None:
+        raise ValueError(f"model {spec.name} does not take a blur kernel; drop --kernel")
+    if sf != 1 and not _takes_kernel(spec):
+        raise ValueError(f"--sf applies to non-blind models only; {spec.name} has a fixed scale "
+                         f"{spec.scale}")
+    x = D.to_float(img)
+    channels = int(spec.in_channels)
+    if channels == 1 and x.shape[-1] == 3:
+        out = np.concatenate([restorer(x[..., c:c + 1], kernel, sf=sf, x8=x8) for c in range(3)], axis=-1)
+    elif channels == 3 and x.shape[-1] == 1:
+        out = restorer(np.repeat(x, 3, axis=-1), kernel, sf=sf, x8=x8).mean(axis=-1, keepdims=True)
+    elif channels == x.shape[-1]:
+        out = restorer(x, kernel, sf=sf, x8=x8)
+    else:
+        raise ValueError(f"model {spec.name} takes {channels}-channel images")
+    return D.to_uint8(out)
+

@@ -1,0 +1,48 @@
+"""ConverseNet: blind deblurring (PAPER.md §3.3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from converse_jax.nn import ConverseBlock, block_key_to_path, pointwise
+
+
+class ConverseNet(nnx.Module):
+    """1x1 conv 3->64 -> the same ``num_blocks`` blocks applied ``num_iterations`` times -> 1x1 conv 64->3.
+
+    Takes only the blurred image. Released: 7 blocks (3x3 kernels, circular padding 2), 5 iterations,
+    243,267 parameters.
+    """
+
+    def __init__(self, in_channels: int = 3, features: int = 64, num_blocks: int = 7, num_iterations: int = 5,
+                 kernel_size: int = 3, padding: int = 2, padding_mode: str = "circular", *, mixer=None,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.num_iterations = num_iterations
+        self.conv1 = pointwise(in_channels, features, **kw)
+        self.prior = nnx.List([
+            ConverseBlock(features, kernel_size, padding=padding, padding_mode=padding_mode, mixer=mixer, **kw)
+            for _ in range(num_blocks)])
+        self.conv2 = pointwise(features, in_channels, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.conv1(x)
+        for _ in range(self.num_iterations):
+            for block in self.prior:
+                h = block(h)
+        return self.conv2(h)
+
+
+def torch_key_to_path(key: str) -> tuple:
+    """Official ``ConverseNet`` state-dict key -> NNX path."""
+    parts = key.split(".")
+    if parts[0] in ("conv1", "conv2") and len(parts) == 2:
+        if parts[1] in ("weight", "bias"):
+            return (parts[0], {"weight": "kernel", "bias": "bias"}[parts[1]])
+    if parts[:2] == ["p", "m_body"] and len(parts) >= 4 and parts[2].isdigit():
+        return ("prior", int(parts[2])) + block_key_to_path(parts[3:], key)
+    raise KeyError(f"unexpected PyTorch key {key!r}")

@@ -1,0 +1,46 @@
+"""Converse-DnCNN: grayscale denoising (PAPER.md §3.1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from converse_jax.nn import ConverseBlock, block_key_to_path, pointwise
+
+
+class ConverseDnCNN(nnx.Module):
+    """1x1 conv -> ``num_blocks`` reverse-convolution blocks -> 1x1 conv (no global residual).
+
+    Released: 20 blocks, 64 features, 7x7 Converse2D kernels with circular padding 6 (796,353 parameters);
+    the paper's table uses 5x5 kernels (734,913).
+    """
+
+    def __init__(self, in_channels: int = 1, features: int = 64, num_blocks: int = 20, kernel_size: int = 7,
+                 padding: int = 6, padding_mode: str = "circular", eps: float = 1e-5, *, mixer=None,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.head = pointwise(in_channels, features, **kw)
+        self.body = nnx.List([
+            ConverseBlock(features, kernel_size, padding=padding, padding_mode=padding_mode, eps=eps, mixer=mixer,
+                          **kw)
+            for _ in range(num_blocks)])
+        self.tail = pointwise(features, in_channels, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.head(x)
+        for block in self.body:
+            h = block(h)
+        return self.tail(h)
+
+
+def torch_key_to_path(key: str) -> tuple:
+    """Official ``ConverseDnCNN`` state-dict key -> NNX path."""
+    parts = key.split(".")
+    if parts[0] in ("m_head", "m_tail") and len(parts) == 3 and parts[1] == "0":
+        return ("head" if parts[0] == "m_head" else "tail", {"weight": "kernel", "bias": "bias"}[parts[2]])
+    if parts[0] == "m_body" and len(parts) >= 3 and parts[1].isdigit():
+        return ("body", int(parts[1])) + block_key_to_path(parts[2:], key)
+    raise KeyError(f"unexpected PyTorch key {key!r}")

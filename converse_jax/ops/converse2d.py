@@ -1,0 +1,227 @@
+"""The Converse2D operator ("reverse convolution") as pure JAX functions.
+
+For one channel plane ``y`` (H, W), a kernel ``k`` and ``lam > 0``, Converse2D returns the minimiser
+
+    x* = argmin_x ||y - (x ⊛ k)↓s||² + lam ||x - x0||²,     x0 = nearest-upsampling of y by s,
+
+where ⊛ is 2-D circular convolution and ↓s keeps every s-th sample from index 0 (PAPER.md §1).
+
+The paper writes the closed form with a final division by ``lam`` (≈1e-4), which costs about four
+significant digits. We use an algebraically equal form without it. With ``F_K`` the kernel's transfer
+function at the output size (see :func:`p2o`), ``B`` the transfer function of the s×s box that turns
+zero-insertion into nearest upsampling (so ``F(x0) = tile_s(F(y)) · B``), ``fold_s`` the average of the
+s×s blocks of a spectrum (the spectrum of s-fold downsampling) and ``tile_s`` its adjoint (s×s tiling):
+
+    F(x*) = tile_s(F(y)) · G,
+    G     = B + conj(F_K) · tile_s[ (1 - fold_s(F_K · B)) / (fold_s(|F_K|²) + lam) ].
+
+``G`` depends only on the kernel and ``lam``: it is computed once per channel and shared by the batch
+(or once per sample when kernels are per sample). For s = 1 it reduces to the pointwise filter
+``G = (conj(F_K) + lam) / (|F_K|² + lam)``. The output is real, so ``G`` is only evaluated on the
+half spectrum and the inverse transform is a real FFT.
+
+Public entry point: :func:`converse2d` (NHWC). The solver itself is written for one plane
+(:func:`converse_filter`, :func:`apply_filter`) and lifted over channels and batch with ``jax.vmap``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PADDING_MODES = ("circular", "reflect", "replicate", "constant")
+_JNP_PAD_MODE = {"circular": "wrap", "reflect": "reflect", "replicate": "edge", "constant": "constant"}
+
+Array = jax.Array
+
+
+def lambda_from_bias(bias: Any, eps: float) -> Array:
+    """The regularisation weight of a Converse2D layer: ``sigmoid(bias - 9) + eps``."""
+    bias = jnp.asarray(bias)
+    return jax.nn.sigmoid(bias - 9.0) + jnp.asarray(eps, dtype=bias.dtype)
+
+
+def p2o(psf: Array, shape: tuple[int, int], *, real: bool = False) -> Array:
+    """Optical transfer function of a point-spread function.
+
+    Zero-pads ``psf`` (kh, kw) to ``shape`` at the top-left, rolls it by (-⌊kh/2⌋, -⌊kw/2⌋) so that its
+    centre sits at the origin, and returns its 2-D FFT (complex, ``shape``), or the half spectrum
+    ``rfft2`` (``shape[0], shape[1] // 2 + 1``) when ``real`` is true. Leading axes of ``psf`` are
+    batch axes.
+    """
+    psf = jnp.asarray(psf)
+    if psf.ndim < 2:
+        raise ValueError(f"p2o: psf must have at least 2 dimensions (..., kh, kw), got shape {psf.shape}")
+    kh, kw = psf.shape[-2:]
+    height, width = int(shape[0]), int(shape[1])
+    if kh > height or kw > width:
+        raise ValueError(f"p2o: psf of size {kh}x{kw} does not fit in the output size {height}x{width}; "
+                         "use a smaller kernel or a larger input/padding")
+    pad = [(0, 0)] * (psf.ndim - 2) + [(0, height - kh), (0, width - kw)]
+    otf = jnp.roll(jnp.pad(psf, pad), (-(kh // 2), -(kw // 2)), axis=(-2, -1))
+    return jnp.fft.rfft2(otf) if real else jnp.fft.fft2(otf)
+
+
+def _box_response(length: int, scale: int, dtype: Any) -> Array:
+    """DFT (length ``length``) of ``scale`` ones at indices 0..scale-1: nearest-upsampling's box."""
+    n = jnp.arange(length, dtype=dtype)
+    phase = -2.0 * jnp.pi * n[:, None] * jnp.arange(scale, dtype=dtype)[None, :] / length
+    return jnp.exp(1j * phase).sum(axis=1)
+
+
+def _fold(a: Array, scale: int) -> Array:
+    """Average of the scale×scale blocks of an (H·s, W·s) array: (H, W)."""
+    hs, ws = a.shape
+    return a.reshape(scale, hs // scale, scale, ws // scale).mean(axis=(0, 2))
+
+
+def converse_filter(kernel: Array, lam: Array, out_shape: tuple[int, int], scale: int) -> Array:
+    """The half-spectrum filter ``G`` of one channel: (H·s, W·s // 2 + 1), complex.
+
+    ``kernel``: (kh, kw) real; ``lam``: scalar > 0; ``out_shape``: the output plane size (H·s, W·s).
+    """
+    real_dtype = jnp.result_type(kernel.dtype, lam.dtype)
+    kernel = kernel.astype(real_dtype)
+    lam = lam.astype(real_dtype)
+    hs, ws = out_shape
+    half = ws // 2 + 1
+    if scale == 1:
+        fk = p2o(kernel, out_shape, real=True)
+        return (jnp.conj(fk) + lam) / (fk.real**2 + fk.imag**2 + lam)
+    fk = p2o(kernel, out_shape)
+    box = _box_response(hs, scale, real_dtype)[:, None] * _box_response(ws, scale, real_dtype)[None, :]
+    num = 1.0 - _fold(fk * box, scale)
+    den = _fold(fk.real**2 + fk.imag**2, scale) + lam
+    inner = jnp.tile(num / den, (scale, scale))
+    g = box + jnp.conj(fk) * inner
+    return g[:, :half]
+
+
+def apply_filter(y: Array, g: Array, scale: int) -> Array:
+    """Solve one plane: ``y`` (H, W) real and its filter ``g`` (H·s, W·s // 2 + 1) -> (H·s, W·s)."""
+    height, width = y.shape
+    hs, ws = height * scale, width * scale
+    if scale == 1:
+        return jnp.fft.irfft2(jnp.fft.rfft2(y) * g, s=(hs, ws))
+    fy = jnp.fft.fft2(y)
+    # tile_s(F(y)) restricted to the half spectrum: row index mod H, column index mod W.
+    tiled = jnp.tile(fy, (scale, 1))
+    cols = jnp.arange(ws // 2 + 1) % width
+    tiled = jnp.take(tiled, cols, axis=1)
+    return jnp.fft.irfft2(tiled * g, s=(hs, ws))
+
+
+def solve_plane(y: Array, kernel: Array, lam: Array, scale: int = 1) -> Array:
+    """Converse2D of one (H, W) plane with its (kh, kw) kernel and scalar ``lam`` (no padding)."""
+    height, width = y.shape
+    g = converse_filter(kernel, lam, (height * scale, width * scale), scale)
+    return apply_filter(y, g, scale)
+
+
+def _check_scale(scale: Any) -> int:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Integral):
+        raise ValueError(f"scale must be an integer >= 1, got {scale!r}")
+    if scale < 1:
+        raise ValueError(f"scale must be an integer >= 1, got {scale}")
+    return int(scale)
+
+
+def _check_padding(padding: Any, padding_mode: str, height: int, width: int) -> int:
+    if isinstance(padding, bool) or not isinstance(padding, numbers.Integral):
+        raise ValueError(f"padding must be a non-negative integer, got {padding!r}")
+    if padding < 0:
+        raise ValueError(f"padding must be a non-negative integer, got {padding}")
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {', '.join(PADDING_MODES)}; got {padding_mode!r}")
+    if padding_mode == "reflect" and padding >= min(height, width):
+        raise ValueError(f"reflect padding must be smaller than the input size: padding {padding} with input "
+                         f"{height}x{width}; use a smaller padding or another padding_mode")
+    return int(padding)
+
+
+def _check_lam(lam: Array, batch: int, channels: int) -> tuple[Array, bool]:
+    """``lam`` as (C,) (shared by the batch) or (B, C) (per sample), and which one it is."""
+    if lam.ndim == 0:
+        return jnp.broadcast_to(lam, (channels,)), False
+    if lam.shape == (channels,):
+        return lam, False
+    if lam.shape == (batch, channels):
+        return lam, True
+    raise ValueError(f"lam must be a scalar, ({channels},) or ({batch}, {channels}) for input with batch {batch} "
+                     f"and {channels} channels; got shape {lam.shape}")
+
+
+def converse2d(x: Any, kernel: Any, lam: Any, *, scale: int = 1, padding: int = 0,
+               padding_mode: str = "circular") -> Array:
+    """Depthwise reverse convolution (Converse2D), channels-last.
+
+    Args:
+      x: (B, H, W, C) real floating input.
+      kernel: (kh, kw, C) shared by the batch, or (B, kh, kw, C) per sample.
+      lam: regularisation weight ``λ > 0``: a scalar, (C,) or (B, C). For a layer, see
+        :func:`lambda_from_bias`.
+      scale: integer upsampling factor s >= 1.
+      padding: pixels added on each side before solving; the output is cropped by ``padding·s``.
+      padding_mode: ``circular``, ``reflect``, ``replicate`` or ``constant`` (zeros).
+
+    Returns:
+      (B, H·s, W·s, C): per channel, the minimiser of ``||y - (x ⊛ k)↓s||² + λ||x - x0||²``.
+    """
+    x = jnp.asarray(x)
+    kernel = jnp.asarray(kernel)
+    lam = jnp.asarray(lam)
+    if x.ndim != 4:
+        raise ValueError(f"x must be a 4-D array (B, H, W, C) in channels-last layout, got shape {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x must be a real floating array, got dtype {x.dtype}; convert it, e.g. x.astype(jnp.float32)")
+    if not jnp.issubdtype(kernel.dtype, jnp.floating):
+        raise ValueError(f"kernel must be a real floating array, got dtype {kernel.dtype}")
+    if not jnp.issubdtype(lam.dtype, jnp.floating):
+        lam = lam.astype(x.dtype)
+    batch, height, width, channels = x.shape
+    scale = _check_scale(scale)
+    padding = _check_padding(padding, padding_mode, height, width)
+    if kernel.ndim == 3:
+        if kernel.shape[-1] != channels:
+            raise ValueError(f"kernel channels must equal the input channels: kernel {kernel.shape} "
+                             f"(kh, kw, C) for input with C={channels}")
+        per_sample = False
+    elif kernel.ndim == 4:
+        if kernel.shape[0] != batch or kernel.shape[-1] != channels:
+            raise ValueError(f"per-sample kernel must have shape (B, kh, kw, C) = ({batch}, kh, kw, {channels}); "
+                             f"got {kernel.shape}")
+        per_sample = True
+    else:
+        raise ValueError(f"kernel must be (kh, kw, C) or (B, kh, kw, C); got shape {kernel.shape}")
+    lam, per_sample_lam = _check_lam(lam, batch, channels)
+    dtype = jnp.result_type(x.dtype, kernel.dtype, lam.dtype)
+    x, kernel, lam = x.astype(dtype), kernel.astype(dtype), lam.astype(dtype)
+
+    if padding > 0:
+        pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+        x = jnp.pad(x, pads, mode=_JNP_PAD_MODE[padding_mode])
+    hp, wp = x.shape[1], x.shape[2]
+    out_shape = (hp * scale, wp * scale)
+    kh, kw = kernel.shape[-3], kernel.shape[-2]
+    if kh > out_shape[0] or kw > out_shape[1]:
+        raise ValueError(f"kernel of size {kh}x{kw} is larger than the (padded) output plane {out_shape[0]}x"
+                         f"{out_shape[1]}; use a larger input or padding, or a smaller kernel")
+
+    # One filter per channel (or per sample and channel), shared across the batch when possible.
+    filt = jax.vmap(lambda k, l: converse_filter(k, l, out_shape, scale), in_axes=(-1, 0), out_axes=0)
+    solve = jax.vmap(lambda y, gg: apply_filter(y, gg, scale), in_axes=(-1, 0))  # over channels
+    if per_sample or per_sample_lam:
+        g = jax.vmap(filt, in_axes=(0 if per_sample else None, 0 if per_sample_lam else None))(kernel, lam)
+        planes = jax.vmap(solve)(x, g)  # g: (B, C, Hs, Ws//2+1)
+    else:
+        g = filt(kernel, lam)  # (C, Hs, Ws//2+1)
+        planes = jax.vmap(solve, in_axes=(0, None))(x, g)
+    out = jnp.moveaxis(planes, 1, -1)  # (B, Hs, Ws, C)
+    if padding > 0:
+        c = padding * scale
+        out = out[:, c:out.shape[1] - c, c:out.shape[2] - c, :]
+    return out
+
