@@ -15,7 +15,7 @@ from flax import nnx
 from converse_jax.models import conversenet, dncnn, srresnet, usrnet
 from converse_jax.models.spec import EvalProtocol, ModelSpec, Release, TrainRecipe
 
-_RELEASE_URL = "https://github.com/cszn/ConverseNet/releases/download/v1.0/{}"
+_RELEASE_URL = "https://github.com/cszn/ConverseNet/raw/main/model_zoo/{}"  # the official repository keeps them in model_zoo/
 
 
 def _release(filename: str, sha256: str) -> Release:
@@ -120,3 +120,4 @@ def count_params(model: nnx.Module) -> int:
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(state))
 
 
+from converse_jax.models import baselines as _baselines  # noqa: E402,F401  (registers the baselines)

@@ -1,0 +1,162 @@
+"""Properties of the Converse2D operator that hold for any input (hypothesis), and its argument checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from converse_jax.ops import PADDING_MODES, converse2d, lambda_from_bias, p2o
+
+SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+def _objective(x_out, y, kernel, lam, scale):
+    """||y - (x ⊛ k)↓s||² + λ||x - x0||² for one batch, computed directly in the pixel domain (NHWC)."""
+    b, hs, ws, c = x_out.shape
+    fk = jnp.moveaxis(p2o(jnp.moveaxis(kernel, -1, 0), (hs, ws)), 0, -1)  # (Hs, Ws, C)
+    conv = jnp.fft.ifft2(jnp.fft.fft2(x_out, axes=(1, 2)) * fk, axes=(1, 2)).real
+    down = conv[:, ::scale, ::scale, :]
+    x0 = jnp.repeat(jnp.repeat(y, scale, axis=1), scale, axis=2)
+    return jnp.sum((y - down) ** 2) + jnp.sum(lam * (x_out - x0) ** 2)
+
+
+@st.composite
+def problems(draw):
+    scale = draw(st.integers(1, 3))
+    k = draw(st.integers(1, 5))
+    h = draw(st.integers(max(2, k), 9))
+    w = draw(st.integers(max(2, k), 9))
+    c = draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2**16))
+    lam = draw(st.sampled_from([1e-4, 1e-2, 0.5]))
+    return scale, k, h, w, c, seed, lam
+
+
+@SETTINGS
+@given(problems())
+def test_output_is_a_stationary_point_of_the_objective(x64, problem):
+    scale, k, h, w, c, seed, lam = problem
+    rng = np.random.default_rng(seed)
+    y = jnp.asarray(rng.standard_normal((2, h, w, c)))
+    kernel = jnp.asarray(rng.random((k, k, c)))
+    x_star = converse2d(y, kernel, lam, scale=scale)
+    grad = jax.grad(_objective)(x_star, y, kernel, lam, scale)
+    # The gradient vanishes (relative to the size of the objective's terms).
+    assert float(jnp.abs(grad).max()) <= 1e-9 * (1 + float(jnp.abs(y).max()))
+    # And it is a minimum: moving away increases the objective.
+    step = 1e-3 * jnp.asarray(rng.standard_normal(x_star.shape))
+    assert _objective(x_star + step, y, kernel, lam, scale) > _objective(x_star, y, kernel, lam, scale)
+
+
+@SETTINGS
+@given(st.integers(1, 4), st.integers(3, 9), st.integers(3, 9), st.sampled_from(PADDING_MODES), st.integers(0, 2),
+       st.integers(0, 1000))
+def test_delta_kernel_returns_the_input_or_its_nearest_upsampling(x64, scale, h, w, mode, padding, seed):
+    if mode == "reflect" and padding >= min(h, w):
+        padding = 0
+    rng = np.random.default_rng(seed)
+    y = jnp.asarray(rng.standard_normal((2, h, w, 3)))
+    delta = jnp.zeros((3, 3, 3)).at[1, 1, :].set(1.0)
+    out = converse2d(y, delta, 1e-4, scale=scale, padding=padding, padding_mode=mode)
+    expected = jnp.repeat(jnp.repeat(y, scale, axis=1), scale, axis=2)
+    np.testing.assert_allclose(out, expected, atol=1e-10)
+
+
+@SETTINGS
+@given(st.integers(1, 3), st.integers(0, 1000), st.sampled_from(PADDING_MODES))
+def test_per_sample_kernels_equal_solving_each_sample_alone(x64, scale, seed, mode):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((3, 6, 7, 2)))
+    kernels = jnp.asarray(rng.random((3, 3, 3, 2)))
+    lam = jnp.asarray(rng.uniform(1e-4, 1e-1, (3, 2)))
+    together = converse2d(x, kernels, lam, scale=scale, padding=1, padding_mode=mode)
+    for i in range(3):
+        alone = converse2d(x[i:i + 1], kernels[i], lam[i], scale=scale, padding=1, padding_mode=mode)
+        np.testing.assert_allclose(together[i:i + 1], alone, rtol=1e-12, atol=1e-12)
+
+
+def test_shared_kernel_with_per_sample_lambda_equals_separate_calls(x64):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 5, 6, 3)))
+    kernel = jnp.asarray(rng.random((2, 2, 3)))
+    lam = jnp.asarray([[1e-3, 1e-2, 1e-1], [1.0, 1e-4, 0.5]])
+    both = converse2d(x, kernel, lam, scale=2)
+    for i in range(2):
+        np.testing.assert_allclose(both[i:i + 1], converse2d(x[i:i + 1], kernel, lam[i], scale=2), atol=1e-12)
+
+
+def test_jit_vmap_grad_compose():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((4, 2, 6, 6, 3)), jnp.float32)  # a leading axis to vmap over
+    kernel = jnp.asarray(rng.random((3, 3, 3)), jnp.float32)
+    bias = jnp.zeros((3,), jnp.float32)
+
+    def loss(x, kernel, bias):
+        return jnp.sum(converse2d(x, kernel, lambda_from_bias(bias, 1e-5), scale=2, padding=2,
+                                  padding_mode="replicate") ** 2)
+
+    grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2)), in_axes=(0, None, None)))(x, kernel, bias)
+    for i in (0, 3):
+        direct = jax.grad(loss, argnums=(0, 1, 2))(x[i], kernel, bias)
+        for a, b in zip(grads, direct):
+            np.testing.assert_allclose(a[i], b, rtol=2e-4, atol=2e-4)
+    # jit gives the same as eager
+    np.testing.assert_allclose(jax.jit(loss)(x[0], kernel, bias), loss(x[0], kernel, bias), rtol=1e-5)
+
+
+def test_gradient_matches_finite_differences_in_lambda(x64):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((1, 5, 5, 2)))
+    kernel = jnp.asarray(rng.random((3, 3, 2)))
+    f = lambda lam: jnp.sum(jnp.sin(converse2d(x, kernel, lam, scale=2)))
+    lam = jnp.asarray([0.03, 0.2])
+    g = jax.grad(f)(lam)
+    eps = 1e-6
+    for c in range(2):
+        e = jnp.zeros(2).at[c].set(eps)
+        fd = (f(lam + e) - f(lam - e)) / (2 * eps)
+        np.testing.assert_allclose(g[c], fd, rtol=1e-6)
+
+
+def test_non_square_and_even_kernels_shapes():
+    x = jnp.ones((2, 5, 9, 4), jnp.float32)
+    for k in (2, 4):
+        for s in (1, 2, 3):
+            out = converse2d(x, jnp.ones((k, k, 4)) / k**2, 1e-3, scale=s, padding=k - 1, padding_mode="reflect")
+            assert out.shape == (2, 5 * s, 9 * s, 4)
+            assert out.dtype == jnp.float32
+            np.testing.assert_allclose(out, 1.0, atol=1e-4)  # a constant image is a fixed point
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(padding=5, padding_mode="reflect"), "reflect padding must be smaller"),
+    (dict(scale=0), "scale must be an integer >= 1"),
+    (dict(scale=1.5), "scale must be an integer >= 1"),
+    (dict(padding=-1), "padding must be a non-negative integer"),
+    (dict(padding_mode="mirror"), "padding_mode must be one of"),
+])
+def test_bad_options_are_rejected(kwargs, message):
+    x = jnp.ones((1, 5, 5, 2))
+    with pytest.raises(ValueError, match=message):
+        converse2d(x, jnp.ones((3, 3, 2)), 1e-3, **kwargs)
+
+
+@pytest.mark.parametrize("x, kernel, lam, message", [
+    (np.ones((1, 5, 5, 2)), np.ones((3, 3, 3)), 1e-3, "kernel channels must equal the input channels"),
+    (np.ones((1, 5, 5, 2)), np.ones((2, 3, 3, 2)), 1e-3, "per-sample kernel must have shape"),
+    (np.ones((1, 5, 5, 2)), np.ones((3, 3)), 1e-3, "kernel must be"),
+    (np.ones((1, 5, 5, 2)), np.ones((3, 3, 2)), np.ones((3,)), "lam must be a scalar"),
+    (np.ones((1, 5, 5, 2)), np.ones((3, 3, 2)), np.ones((2, 2)), "lam must be a scalar"),
+    (np.ones((1, 5, 5, 2), np.int32), np.ones((3, 3, 2)), 1e-3, "x must be a real floating array"),
+    (np.ones((5, 5, 2)), np.ones((3, 3, 2)), 1e-3, "x must be a 4-D array"),
+    (np.ones((1, 5, 5, 2)), np.ones((7, 7, 2)), 1e-3, "larger than the"),
+])
+def test_bad_arrays_are_rejected(x, kernel, lam, message):
+    with pytest.raises(ValueError, match=message):
+        converse2d(x, kernel, lam)
+
+
+def test_lambda_from_bias():
+    np.testing.assert_allclose(lambda_from_bias(jnp.zeros(2), 1e-5), 1 / (1 + np.exp(9.0)) + 1e-5, rtol=1e-6)
