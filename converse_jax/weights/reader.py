@@ -43,6 +43,8 @@ WRAPPER_KEYS = ("state_dict", "model_state_dict", "params", "params_ema", "model
 # The legacy (pre-1.6) format starts with a protocol-2 pickle of this magic number.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 _ZIP_MAGIC = b"PK\x03\x04"
+# A tensor with more elements than its storage (stride 0) is materialised only up to this size.
+_MAX_EXPANSION_BYTES = 1 << 28
 _RESAVE_HINT = ("re-save it with torch>=1.6: torch.save(torch.load(old, weights_only=True), new) "
                 "(the default zip format), or export it to .safetensors")
 
@@ -159,6 +161,10 @@ def _view_storage(storage: Any, dtype: np.dtype, offset: Any, size: Any, stride:
         raise CheckpointFormatError(
             f"storage {storage.key} holds {flat.size} elements but a tensor of size {shape}, "
             f"stride {strides}, offset {offset} reads up to element {last}: the file is corrupt")
+    if count > flat.size and count * dtype.itemsize > _MAX_EXPANSION_BYTES:
+        raise CheckpointFormatError(
+            f"tensor of size {shape} would expand storage {storage.key} ({flat.size} elements) "
+            f"to {count * dtype.itemsize} bytes through repeated strides: refusing")
     base = flat[offset:]
     view = np.lib.stride_tricks.as_strided(
         base, shape=shape, strides=tuple(s * dtype.itemsize for s in strides), writeable=False)
@@ -170,8 +176,9 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any) -> np.nda
     return _view_storage(storage, dtype, offset, size, stride)
 
 
-def _rebuild_tensor_v2(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
-                       backward_hooks: Any = None, metadata: Any = None) -> np.ndarray:
+def _rebuild_tensor_v2(storage: Any, offset: Any, size: Any, stride: Any,
+                       requires_grad: Any = False, backward_hooks: Any = None,
+                       metadata: Any = None) -> np.ndarray:
     return _rebuild_tensor(storage, offset, size, stride)
 
 
@@ -393,11 +400,9 @@ class _SafeUnpickler:
                     cls = stack.pop()
                     stack.append(self._call(cls, args))
                 elif name == "BUILD":
-                    state = stack.pop()
+                    # Attributes of an OrderedDict (torch's _metadata): neither needed nor applied.
+                    stack.pop()
                     self._expect(stack[-1], dict, name)
-                    # State of an OrderedDict subclass/attributes (e.g. torch's _metadata):
-                    # neither needed nor applied.
-                    del state
                 elif name in ("BINPERSID", "PERSID"):
                     pid = stack.pop() if name == "BINPERSID" else arg
                     stack.append(self.persistent_load(pid))
@@ -409,7 +414,8 @@ class _SafeUnpickler:
         except (IndexError, KeyError, TypeError, ValueError, AttributeError, EOFError,
                 struct.error, UnicodeDecodeError) as exc:
             raise CheckpointFormatError(
-                f"{self.source}: corrupt or truncated pickle ({type(exc).__name__}: {exc})") from None
+                f"{self.source}: corrupt or truncated pickle ({type(exc).__name__}: {exc})"
+            ) from None
         raise CheckpointFormatError(f"{self.source}: pickle has no STOP opcode (truncated)")
 
     @staticmethod
