@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Optional, Union
 
 import numpy as np
@@ -140,8 +141,6 @@ def blur(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
 
 def load_kernel(path: str) -> np.ndarray:
     """Read a blur kernel from a ``.npy`` file or a grayscale image; normalised to sum 1."""
-    import os
-
     if not os.path.isfile(path):
         raise ValueError(f"kernel file {path} does not exist")
     if str(path).lower().endswith(".npy"):
