@@ -65,6 +65,10 @@ class ConverseUSRNet(nnx.Module):
         self.kernelnet = KernelNet(blur_kernel_size, **kw)
         self.kernel_convs = nnx.List([pointwise(KERNEL_FEATURES, features, **kw) for _ in range(num_iterations)])
 
+    def data_weight(self) -> jax.Array:
+        """The per-channel third argument of ``data_step``: λ = sigmoid(α - 9) + 1e-3 from ``data_alpha``."""
+        return lambda_from_bias(self.data_alpha[...], DATA_EPS)
+
     def __call__(self, x: jax.Array, kernel: jax.Array, sf: int = 1) -> jax.Array:
         kernel = jnp.asarray(kernel)
         k = self.blur_kernel_size
@@ -72,7 +76,7 @@ class ConverseUSRNet(nnx.Module):
             raise ValueError(f"kernel must have shape (B, {k}, {k}) with B = {x.shape[0]} (one blur kernel per "
                              f"image); got {kernel.shape}")
         feats = self.kernelnet(kernel.astype(x.dtype))
-        lam = lambda_from_bias(self.data_alpha[...], DATA_EPS)
+        lam = self.data_weight()
         h = self.conv1(x)
         for i, conv in enumerate(self.kernel_convs):
             h = self.data_step(h, conv(feats), lam, sf if i == 0 else 1)

@@ -1,0 +1,343 @@
+"""Runs the benchmark sections, pairs each JAX figure with the PyTorch baseline's, and writes
+the report (JSON and a plain-text table)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from benchmarks import cases as C
+from benchmarks.timing import DEFAULT_POLICY, QUICK_POLICY
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TORCH_ENV_VAR = "CONVERSE_TORCH_PYTHON"
+
+
+class BenchmarkError(RuntimeError):
+    """A failure the command line reports as one line."""
+
+
+# ----------------------------------------------------------------------------- subprocesses
+
+def _subprocess_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.update(extra or {})
+    return env
+
+
+def _run_json(cmd: list[str], env: dict[str, str], timeout: Optional[float]) -> dict[str, Any]:
+    """Run a worker command; return its last stdout line parsed as JSON, or {"error": ...}."""
+    try:
+        r = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+    if r.returncode != 0 or not lines:
+        tail = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"error": f"exit {r.returncode}: {tail}"}
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return {"error": f"unreadable worker output: {lines[-1][:200]}"}
+
+
+def find_torch_python(explicit: Optional[str]) -> tuple[Optional[str], str]:
+    """The interpreter that runs the baseline: ``--torch-python``, else ``$CONVERSE_TORCH_PYTHON``,
+    else this one if it can import torch. Returns (path or None, why)."""
+    for source, path in (("--torch-python", explicit), (TORCH_ENV_VAR, os.environ.get(TORCH_ENV_VAR))):
+        if path:
+            if not Path(path).exists():
+                raise BenchmarkError(f"{source}: interpreter {path} not found; give the python of an "
+                                     "environment with torch (pip install torch), or pass --no-torch")
+            return path, source
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        return sys.executable, "this interpreter"
+    return None, (f"torch is not installed here: install the 'bench' extra, or point --torch-python "
+                  f"(or ${TORCH_ENV_VAR}) at a python that has torch; or pass --no-torch")
+
+
+class TorchBaseline:
+    """Runs baseline measurements in fresh processes of a torch-enabled interpreter."""
+
+    def __init__(self, python: str, timeout: Optional[float]):
+        self.python = python
+        self.timeout = timeout
+        # A shared CPU makes OpenMP's spinning barriers very slow; sleeping waits give torch its
+        # best numbers here. A value set by the user wins.
+        self.env = _subprocess_env({"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")})
+        self.info: dict[str, Any] = {}
+        self.device = "cpu"  # "cuda" when the JAX side runs on a GPU
+
+    def run(self, section: str, case: dict[str, Any], policy: dict[str, Any]) -> dict[str, Any]:
+        req = json.dumps({"section": section, "case": case, "policy": policy, "device": self.device})
+        out = _run_json([self.python, "-m", "benchmarks.torch_worker", req], self.env, self.timeout)
+        if "env" in out:
+            self.info = dict(out.pop("env"), OMP_WAIT_POLICY=self.env["OMP_WAIT_POLICY"], python=self.python)
+        return out
+
+
+def jax_subprocess(section: str, case: dict[str, Any], policy: dict[str, Any],
+                   timeout: Optional[float]) -> dict[str, Any]:
+    """One JAX measurement in a fresh process of this interpreter (used for peak memory)."""
+    req = json.dumps({"section": section, "case": case, "policy": policy})
+    out = _run_json([sys.executable, "-m", "benchmarks.jax_bench", req], _subprocess_env(), timeout)
+    out.pop("env", None)
+    return out
+
+
+# ----------------------------------------------------------------------------- report rows
+
+def _row(section: str, name: str, mode: str, shape: str, unit: str, ours: Optional[dict], torch: Optional[dict],
+         impl: str = "ours", note: str = "") -> dict[str, Any]:
+    row: dict[str, Any] = {"section": section, "name": name, "mode": mode, "shape": shape, "impl": impl,
+                           "unit": unit, "ours": ours, "torch": torch}
+    if ours and torch and "median_s" in ours and "median_s" in torch:
+        row["speedup"] = torch["median_s"] / ours["median_s"]
+        target = C.TARGETS.get((section, mode if section == "op" else None))
+        if target is not None and impl == "ours":
+            row["target"] = target
+            row["meets_target"] = row["speedup"] >= target
+    if note:
+        row["note"] = note
+    return row
+
+
+def _op_shape(c: dict[str, Any]) -> str:
+    return (f"B{c['B']} C{c['C']} {c['H']}x{c['W']} k{c['k']} s{c['scale']} "
+            f"{c['padding_mode']} {c['padding']}")
+
+
+def _net_shape(c: dict[str, Any]) -> str:
+    s = f"B{c['batch']} {c['in_hw']}x{c['in_hw']}x{c['cin']}"
+    s += f" -> {c['out_hw']}x{c['out_hw']}" if c["scale"] != 1 else ""
+    return s + ("".join(f" {k[4:]}={v}" for k, v in c["arch"].items()) if c.get("arch") else "")
+
+
+def _error(out: Optional[dict[str, Any]]) -> str:
+    return out.get("error", "") if out else ""
+
+
+# ----------------------------------------------------------------------------- sections
+
+def run_suite(*, sections: list[str], quick: bool, torch: Optional[TorchBaseline], torch_note: str,
+              torch_memory: bool = False, alt: bool = False, nets: Optional[list[str]] = None,
+              policy: Optional[dict[str, Any]] = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the requested sections and return the report (a JSON-ready dict)."""
+    from benchmarks import jax_bench as J
+
+    policy = dict(policy or (QUICK_POLICY if quick else DEFAULT_POLICY))
+    report: dict[str, Any] = {
+        "meta": {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "quick": quick, "sections": sections, "nets": nets or list(C.NETWORKS), "alt": alt,
+            "policy": policy, "platform": platform.platform(),
+            "python": platform.python_version(), "jax": J.environment(),
+            "load_average_start": _loadavg(), "torch": None, "torch_note": torch_note,
+        },
+        "results": [], "memory": {}, "micro": [], "notes": [],
+    }
+    rows = report["results"]
+    models_missing = J.models_available()
+    if torch is not None:
+        # the baseline runs on the same kind of device as JAX
+        torch.device = "cuda" if report["meta"]["jax"]["backend"] in ("gpu", "cuda", "rocm") else "cpu"
+
+    if "op" in sections:
+        impls, notes = J.op_impls()
+        report["notes"] += [f"op: {v}" for v in notes.values()]
+        for case in C.op_cases(quick):
+            log(f"op {case['name']}: {_op_shape(case)}")
+            base = torch.run("op", case, policy) if torch else {}
+            for impl_name, impl in impls.items():
+                try:
+                    ours = J.run_op(case, policy, impl)
+                except Exception as e:  # noqa: BLE001 - a failing implementation is reported, not fatal
+                    ours = {"error": f"{type(e).__name__}: {e}"}
+                for mode in ("fwd", "fwd+bwd"):
+                    rows.append(_row("op", case["name"], mode, _op_shape(case), "s", ours.get(mode),
+                                     base.get(mode), impl=impl_name,
+                                     note=_error(ours) or _error(base)))
+
+    for section, case_list, unit in (("infer", C.infer_cases(quick), "img/s"),
+                                     ("train", C.train_cases(quick), "steps/s")):
+        if section not in sections:
+            continue
+        for case in case_list:
+            if nets is not None and case["net"] not in nets:
+                continue
+            log(f"{section} {case['net']}: {_net_shape(case)}")
+            results = {}
+            for impl in J.NET_IMPLS if alt else J.NET_IMPLS[:1]:
+                if models_missing:
+                    results[impl] = {"error": models_missing}
+                    continue
+                try:
+                    results[impl] = (J.run_infer if section == "infer" else J.run_train)(case, policy, impl)
+                except Exception as e:  # noqa: BLE001
+                    results[impl] = {"error": f"{type(e).__name__}: {e}"}
+            base = torch.run(section, case, policy) if torch else {}
+            for impl, ours in results.items():
+                rows.append(_row(section, case["net"], section, _net_shape(case), unit, ours.get(section),
+                                 base.get(section), impl=impl, note=_error(ours) or _error(base)))
+
+    if "memory" in sections:
+        mem: dict[str, Any] = {"runs": [], "compiled": []}
+        if models_missing:
+            mem["error"] = models_missing
+        else:
+            sizes = C.MEMORY_COMPILE_SIZES["quick" if quick else "full"]
+            for n in sizes:
+                log(f"memory (compiled) dncnn {n}x{n}")
+                case = C.memory_case(n, quick)
+                try:
+                    mem["compiled"].append(dict(J.compiled_memory(case), size=n))
+                except Exception as e:  # noqa: BLE001
+                    mem["compiled"].append({"size": n, "error": f"{type(e).__name__}: {e}"})
+            for case in C.memory_cases(quick):
+                n = case["out_hw"]
+                log(f"memory (run) dncnn {n}x{n}")
+                entry: dict[str, Any] = {"size": n, "ours": jax_subprocess("memory", case, policy, None)}
+                entry["ours"] = entry["ours"].get("memory", entry["ours"])
+                if torch and torch_memory:
+                    out = torch.run("memory", case, policy)
+                    entry["torch"] = out.get("memory", out)
+                mem["runs"].append(entry)
+            mem["linearity"] = _linearity(mem)
+        report["memory"] = mem
+
+    if "micro" in sections:
+        from benchmarks import micro
+
+        log("micro: component timings")
+        report["micro"] = micro.run(quick=quick, policy=policy, log=log)
+
+    report["meta"]["torch"] = torch.info if torch else None
+    report["meta"]["load_average_end"] = _loadavg()
+    return report
+
+
+def _loadavg() -> Optional[list[float]]:
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def _linearity(mem: dict[str, Any]) -> dict[str, Any]:
+    """Bytes per output pixel at each size; memory is linear in area when these agree."""
+    out: dict[str, Any] = {}
+    comp = [m for m in mem["compiled"] if m.get("available")]
+    if len(comp) >= 2:
+        per = {m["size"]: m["peak_bytes"] / m["pixels"] for m in comp}
+        out["compiled_bytes_per_pixel"] = per
+        out["compiled_spread"] = max(per.values()) / min(per.values())
+    runs = [r["ours"] for r in mem["runs"] if "pixels" in r.get("ours", {})]
+    key = "peak_bytes" if runs and "peak_bytes" in runs[0] else "peak_rss_growth_bytes"
+    if len(runs) >= 2 and all(key in r for r in runs):
+        per = {r["pixels"]: r[key] / r["pixels"] for r in runs}
+        out["run_bytes_per_pixel"] = per
+    return out
+
+
+# ----------------------------------------------------------------------------- output
+
+def _fmt_time(r: Optional[dict[str, Any]], unit: str) -> str:
+    if not r or "median_s" not in r:
+        return "-"
+    t = r["median_s"]
+    if unit == "s":
+        return f"{t * 1e3:.2f} ms" if t < 1 else f"{t:.3f} s"
+    return f"{1.0 / t:.3g}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A readable plain-text summary of the report."""
+    meta = report["meta"]
+    j = meta["jax"]
+    lines = [f"converse_jax benchmark  {meta['date']}  {'QUICK ' if meta['quick'] else ''}"
+             f"backend={j['backend']} devices={j['device_count']} ({j['device_kind']}) "
+             f"cpu_threads={j['cpu_threads']} jax={j['jax_version']}"]
+    t = meta.get("torch")
+    lines.append(f"baseline: torch {t['torch_version']} on {t.get('device', 'cpu')} threads={t['torch_threads']} "
+                 f"OMP_WAIT_POLICY={t['OMP_WAIT_POLICY']}" if t else f"baseline: none ({meta.get('torch_note')})")
+    lines.append(f"load average: start {meta.get('load_average_start')} end {meta.get('load_average_end')}"
+                 "  (median of runs after warm-up)")
+    header = f"{'section':<7} {'case':<12} {'mode':<8} {'impl':<8} {'shape':<38} {'ours':>11} {'torch':>11} " \
+             f"{'ratio':>7}  target"
+    rows = report["results"]
+    if rows:
+        lines += ["", header, "-" * len(header)]
+    for r in rows:
+        unit = r["unit"]
+        ratio = f"{r['speedup']:.1f}x" if "speedup" in r else "-"
+        tgt = ""
+        if "target" in r:
+            tgt = f">={r['target']:.0f}x {'ok' if r['meets_target'] else 'MISSED'}"
+        lines.append(f"{r['section']:<7} {r['name']:<12} {r['mode']:<8} {r['impl']:<8} {r['shape']:<38} "
+                     f"{_fmt_time(r['ours'], unit):>11} {_fmt_time(r['torch'], unit):>11} {ratio:>7}  {tgt}"
+                     + (f"  [{r['note']}]" if r.get("note") else ""))
+    if any(r["unit"] != "s" for r in rows):
+        lines.append("(op: median time per call; infer: images/s; train: steps/s; ratio: how many times "
+                     "faster than torch)")
+    mem = report.get("memory") or {}
+    if mem:
+        lines += ["", "peak memory, Converse-DnCNN inference (B1, gray):"]
+        if "error" in mem:
+            lines.append(f"  {mem['error']}")
+        for m in mem.get("compiled", []):
+            if m.get("available"):
+                lines.append(f"  {m['size']:>5}^2 XLA buffers {m['peak_bytes'] / 2**20:9.1f} MiB "
+                             f"({m['peak_bytes'] / m['pixels']:.0f} B/px; temp {m['temp_bytes'] / 2**20:.1f} MiB, "
+                             f"compile {m['compile_s']:.1f} s)")
+            else:
+                lines.append(f"  {m['size']:>5}^2 XLA buffers: {m.get('error', 'not reported by this backend')}")
+        for r in mem.get("runs", []):
+            o = r["ours"]
+            if "error" in o:
+                lines.append(f"  {r['size']:>5}^2 run: {o['error']}")
+                continue
+            val = o.get("peak_bytes", o.get("peak_rss_growth_bytes", 0))
+            s = f"  {r['size']:>5}^2 run: {val / 2**20:9.1f} MiB ({o['method']}, {o['seconds']:.2f} s)"
+            if "torch" in r:
+                tr = r["torch"]
+                tval = tr.get("peak_bytes", tr.get("peak_rss_growth_bytes"))
+                s += (f"; torch {tval / 2**20:.1f} MiB ({tr['seconds']:.1f} s)" if tval is not None
+                      else f"; torch: {tr.get('error')}")
+            lines.append(s)
+        lin = mem.get("linearity", {})
+        if "compiled_spread" in lin:
+            lines.append(f"  bytes/pixel spread across sizes (XLA buffers): {lin['compiled_spread']:.2f}x "
+                         "(1.00x = exactly linear in area)")
+    if report.get("micro"):
+        lines += ["", "components (JAX, median):"]
+        for m in report["micro"]:
+            lines.append(f"  {m['name']:<58} {_fmt_time(m, 's'):>11}" + (f"  {m['note']}" if m.get("note") else ""))
+    for n in report.get("notes", []):
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
+
+
+def write_json_atomic(report: dict[str, Any], path: Path) -> None:
+    """Write the report to ``path`` through a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,193 @@
+"""Training checkpoints with orbax ``CheckpointManager`` and the run's config file.
+
+Layout of a working directory::
+
+    <workdir>/config.json              the run's TrainConfig (JSON)
+    <workdir>/checkpoints/<step>/      one orbax checkpoint per saved step (the last ``keep``)
+        params/     the parameters, nested by NNX path (converted-weights layout)
+        opt_state/  the optax state
+        metadata/   JSON: format, model, step, loss, config
+
+Each step directory is also a *converted checkpoint* of :mod:`converse_jax.weights.checkpoint`
+(same ``params``/``metadata`` items), so ``load_pretrained(name, <workdir>/checkpoints/<step>)``
+and ``python -m experiments.evaluate --weights=<that dir>`` load it directly. orbax writes each
+step under a temporary name and renames it when complete, so a killed run leaves its last
+finished checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import jax
+import numpy as np
+
+from converse_jax.train.config import CONFIG_FILE, TrainConfig, check_compatible
+
+__all__ = [
+    "CheckpointStore",
+    "write_json_atomic",
+    "load_saved_config",
+    "prepare_workdir",
+    "export_params",
+    "latest_checkpoint",
+]
+
+PathLike = Union[str, os.PathLike]
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, indent=1)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_saved_config(workdir: Path) -> Optional[dict[str, Any]]:
+    """The config saved in ``workdir`` (None when there is none)."""
+    path = workdir / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is unreadable ({exc}): fix or remove it, or choose another --workdir") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a training config: remove it or choose another --workdir")
+    return data
+
+
+def prepare_workdir(config: TrainConfig, *, write: bool = True) -> tuple[Path, list[str]]:
+    """Create the workdir, refuse an incompatible one, save ``config`` there.
+
+    Returns ``(workdir, changed)``: the names of resumable settings that differ from the saved
+    config (empty for a new run).
+    """
+    workdir = config.resolved_workdir()
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"--workdir {workdir} exists and is not a directory")
+    saved = load_saved_config(workdir) if workdir.is_dir() else None
+    changed: list[str] = []
+    if saved is None and (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
+        raise ValueError(f"{workdir} has checkpoints but no {CONFIG_FILE}: it is not a run of this program, "
+                         f"choose another --workdir")
+    if saved is not None:
+        changed = check_compatible(saved, config, workdir)
+    if write and jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(workdir / CONFIG_FILE, config.to_json())
+    return workdir, changed
+
+
+def _weights_format() -> tuple[str, int]:
+    from converse_jax.weights.checkpoint import FORMAT, FORMAT_VERSION
+
+    return FORMAT, FORMAT_VERSION
+
+
+class CheckpointStore:
+    """The run's orbax ``CheckpointManager`` (keeps the last ``keep`` steps)."""
+
+    def __init__(self, directory: PathLike, keep: int = 3, *, async_save: bool = True) -> None:
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> Optional[int]:
+        """The last complete checkpoint's step (None when there is none)."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def path(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def save(self, step: int, params: Any, opt_state: Any, metadata: Mapping[str, Any]) -> Path:
+        """Save the model state ``params`` (nested by NNX path: parameters and any other
+        variables) and ``opt_state`` at ``step`` (asynchronously by default)."""
+        ocp = self._ocp
+        fmt, version = _weights_format()
+        meta = {"format": fmt, "format_version": version, "step": int(step),
+                "source_file": f"training checkpoint {self.path(step)}", **dict(metadata)}
+        self.manager.save(int(step), args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            metadata=ocp.args.JsonSave(meta)), force=True)
+        return self.path(step)
+
+    def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> tuple[Any, Any, dict[str, Any]]:
+        """``(params, opt_state, metadata)`` of ``step``; the abstract trees give structure, shapes
+        and shardings."""
+        ocp = self._ocp
+        out = self.manager.restore(int(step), args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params),
+            opt_state=ocp.args.StandardRestore(abstract_opt_state),
+            metadata=ocp.args.JsonRestore()))
+        return out["params"], out["opt_state"], dict(out["metadata"])
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def latest_checkpoint(workdir: PathLike) -> Optional[Path]:
+    """The newest complete checkpoint directory of a training workdir (None if there is none)."""
+    directory = Path(workdir).expanduser().absolute() / "checkpoints"
+    if not directory.is_dir():
+        return None
+    store = CheckpointStore(directory, keep=1_000_000, async_save=False)
+    try:
+        step = store.latest_step()
+        return None if step is None else store.path(step)
+    finally:
+        store.manager.close()
+
+
+def export_params(params: Any, model: str, directory: PathLike, *, metadata: Optional[Mapping[str, Any]] = None,
+                  overwrite: bool = False) -> Path:
+    """Write parameters as a standalone converted checkpoint (:func:`converse_jax.weights.save_converted`)
+    that :func:`converse_jax.load_pretrained` and ``experiments.evaluate --weights`` read.
+
+    ``params``: an NNX model (all its variables), or a nested dict of arrays keyed by NNX path
+    (e.g. ``ParamCodec.combine(params, extra)`` of a training state).
+    """
+    from flax import nnx
+
+    from converse_jax.train.step import host_params
+    from converse_jax.weights.checkpoint import package_version, save_converted
+    from converse_jax.weights.convert import path_key
+
+    if isinstance(params, nnx.Module):
+        weights = {path_key(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(params))}
+    else:
+        weights = host_params(params)
+    meta = {"model": model, "source_file": "converse_jax.train", "source_sha256": "",
+            "converse_jax_version": package_version()}
+    meta.update(dict(metadata or {}))
+    return save_converted(directory, weights, meta, overwrite=overwrite)
