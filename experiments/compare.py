@@ -244,8 +244,8 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     s = summary["settings"]
     lines.append("")
-    lines.append(f"Same settings for every model: {s['steps']} steps, batch {s['batch_size']}, patch {s['patch_size']}, "
-                 f"Adam {s['lr']:g} (halved at {', '.join(map(str, s['lr_milestones'])) or 'never'}), {s['loss']}, "
+    lines.append(f"Same settings for every model: {s['steps']} steps, batch {s['batch_size']}, "
+                 f"patch {s['patch_size']}, Adam {s['lr']:g} (halved at {', '.join(map(str, s['lr_milestones'])) or 'never'}), {s['loss']}, "
                  f"data {s['data'] or 'embedded'}, seed {s['seed']}, arch {s['model_kwargs'] or 'full size'}. "
                  f"In parentheses: the paper's value (full-size networks, the paper's unpublished training budget).")
     return "\n".join(lines) + "\n"

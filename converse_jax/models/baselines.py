@@ -42,8 +42,8 @@ from converse_jax.nn.conv import (DepthwiseConv, DepthwiseConvTranspose, ResizeC
                                   conv2d, nearest_upsample, pixel_shuffle)
 from converse_jax.nn.layers import Converse2D, gelu
 
-__all__ = ["DnCNN", "MSRResNet", "ConvUSRNet", "conv_data_step", "conv_dncnn", "convt_dncnn", "conv_srresnet",
-           "convt_srresnet", "conv_convnet"]
+__all__ = ["DnCNN", "MSRResNet", "ConvUSRNet", "conv_data_step", "conv_dncnn", "convt_dncnn", "dncnn_k5",
+           "conv_srresnet", "convt_srresnet", "conv_convnet"]
 
 
 # ----------------------------------------------------------------------------------------------------
