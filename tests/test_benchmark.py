@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks import cases as C
 from benchmarks.timing import measure
-from tests.conftest import require_asset
+from conftest import require_asset
 
 NETS = {"converse_dncnn.pth": "dncnn", "converse_srresnet.pth": "srresnet", "conversenet.pth": "conversenet",
         "converse_usrnet.pth": "usrnet"}
