@@ -25,6 +25,9 @@ from converse_jax.train import (CheckpointStore, NonFiniteLossError, ParamCodec,
                                 export_params, init_train_state, make_data_mesh, make_optimizer, make_train_step,
                                 prepare_workdir, replicate, shard_batch, train)
 
+# load_converted reads the arrays back to the host without a sharding: intended here
+pytestmark = pytest.mark.filterwarnings("ignore:Sharding info not provided")
+
 REPO = Path(__file__).resolve().parent.parent
 # srresnet at x2 (one Converse2D upsampler): it compiles twice as fast as at x4
 TINY = {"dncnn": dict(features=8, num_blocks=1), "srresnet": dict(features=8, num_blocks=1, upscale=2),

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from converse_jax.train.checkpointing import CheckpointStore, prepare_workdir

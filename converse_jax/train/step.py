@@ -84,11 +84,6 @@ class ParamCodec:
         self._initial = (_nest({k: v for k, (_, v) in zip(self.param_keys, p_leaves)}),
                          _nest({k: v for k, (_, v) in zip(self.extra_keys, e_leaves)}))
 
-    # backwards-friendly alias: the parameter paths
-    @property
-    def keys(self) -> list[tuple[str, ...]]:
-        return self.param_keys
-
     def initial(self) -> Params:
         """The parameters the model was built with."""
         return self._initial[0]
