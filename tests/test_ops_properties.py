@@ -160,3 +160,11 @@ def test_bad_arrays_are_rejected(x, kernel, lam, message):
 
 def test_lambda_from_bias():
     np.testing.assert_allclose(lambda_from_bias(jnp.zeros(2), 1e-5), 1 / (1 + np.exp(9.0)) + 1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kh, kw, h, w", [(7, 7, 20, 23), (2, 2, 8, 8), (3, 5, 9, 12), (4, 4, 4, 6)])
+def test_kernel_spectrum_by_dft_matrices_equals_p2o(x64, kh, kw, h, w):
+    from converse_jax.ops.converse2d import kernel_spectrum
+    k = jnp.asarray(np.random.default_rng(kh * w).random((kh, kw)))
+    for real in (False, True):
+        np.testing.assert_allclose(kernel_spectrum(k, (h, w), real=real), p2o(k, (h, w), real=real), atol=1e-13)

@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PADDING_MODES = ("circular", "reflect", "replicate", "constant")
 _JNP_PAD_MODE = {"circular": "wrap", "reflect": "reflect", "replicate": "edge", "constant": "constant"}
@@ -65,6 +66,27 @@ def p2o(psf: Array, shape: tuple[int, int], *, real: bool = False) -> Array:
     return jnp.fft.rfft2(otf) if real else jnp.fft.fft2(otf)
 
 
+def _dft_matrix(n: int, taps: int, rows: int, dtype: Any) -> np.ndarray:
+    """(rows, taps): exp(-2πi·u·(t − ⌊taps/2⌋)/n), the size-n DFT (first ``rows`` bins) of a centred filter."""
+    u = np.arange(rows)[:, None]
+    t = np.arange(taps)[None, :] - taps // 2
+    return np.exp(-2j * np.pi * ((u * t) % n) / n).astype(dtype)
+
+
+def kernel_spectrum(kernel: Array, shape: tuple[int, int], *, real: bool = False) -> Array:
+    """Same values as :func:`p2o` for one (kh, kw) kernel, computed as two small DFT matrix products.
+
+    An FFT of the zero-padded kernel costs as much as an FFT of the image; the kernel has only kh·kw
+    non-zero taps, so ``E_h · K · E_wᵀ`` (k columns) is much cheaper.
+    """
+    height, width = int(shape[0]), int(shape[1])
+    kh, kw = kernel.shape
+    cdtype = jnp.result_type(kernel.dtype, jnp.complex64)
+    eh = _dft_matrix(height, kh, height, cdtype)
+    ew = _dft_matrix(width, kw, width // 2 + 1 if real else width, cdtype)
+    return jnp.asarray(eh) @ kernel.astype(cdtype) @ jnp.asarray(ew).T
+
+
 def _box_response(length: int, scale: int, dtype: Any) -> Array:
     """DFT (length ``length``) of ``scale`` ones at indices 0..scale-1: nearest-upsampling's box."""
     n = jnp.arange(length, dtype=dtype)
@@ -89,9 +111,9 @@ def converse_filter(kernel: Array, lam: Array, out_shape: tuple[int, int], scale
     hs, ws = out_shape
     half = ws // 2 + 1
     if scale == 1:
-        fk = p2o(kernel, out_shape, real=True)
+        fk = kernel_spectrum(kernel, out_shape, real=True)
         return (jnp.conj(fk) + lam) / (fk.real**2 + fk.imag**2 + lam)
-    fk = p2o(kernel, out_shape)
+    fk = kernel_spectrum(kernel, out_shape)
     box = _box_response(hs, scale, real_dtype)[:, None] * _box_response(ws, scale, real_dtype)[None, :]
     num = 1.0 - _fold(fk * box, scale)
     den = _fold(fk.real**2 + fk.imag**2, scale) + lam
