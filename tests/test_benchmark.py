@@ -180,6 +180,7 @@ def test_alt_operator_rejects_bad_arguments():
         alt_ops.converse2d(x, k, 1e-2, layout="hwcn")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", C.NETWORKS)
 def test_alt_networks_equal_library_networks(name):
     """benchmarks.alt_models computes the library model's function (same parameters; the networks
@@ -279,6 +280,7 @@ def test_cli_rejects_bad_torch_python(tmp_path, capsys):
     assert rc == 2 and "--torch-python" in err and "--no-torch" in err
 
 
+@pytest.mark.slow
 def test_cli_quick_op_smoke(tmp_path, capsys):
     path = tmp_path / "report.json"
     path.write_text("previous")
