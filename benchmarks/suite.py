@@ -9,7 +9,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -329,15 +328,6 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def write_json_atomic(report: dict[str, Any], path: Path) -> None:
-    """Write the report to ``path`` through a temporary file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the report to ``path`` atomically (see :func:`converse_jax.fileio.write_json_atomic`)."""
+    from converse_jax.fileio import write_json_atomic as _write
+    _write(path, report)

@@ -292,7 +292,7 @@ def run_comparison(configs: Sequence[Any], test_sets: Sequence[tuple[str, Option
     from converse_jax import evaluation as E
     from converse_jax.models import get_spec
     from converse_jax.train import NonFiniteLossError, train
-    from converse_jax.train.checkpointing import write_json_atomic
+    from converse_jax.fileio import write_json_atomic
 
     counts = check_architectures(configs)
     spec0 = get_spec(configs[0].model)

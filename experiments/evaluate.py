@@ -11,10 +11,7 @@ the model's own protocol picks it; --data-dir alone evaluates any folder of imag
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -36,23 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=1)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def run(args: argparse.Namespace) -> int:
+    from converse_jax.fileio import write_json_atomic
     from converse_jax import evaluation as E
 
     spec = E.get_model_spec(args.model)
@@ -77,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
                         save_dir=args.save_images, progress=not args.no_progress)
     print(report.format_table())
     if json_path is not None:
-        _write_json_atomic(json_path, report.to_dict())
+        write_json_atomic(json_path, report.to_dict())
         print(f"results written to {json_path}")
     return 0
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import jax
 import numpy as np
 
+from converse_jax.fileio import write_json_atomic
 from converse_jax.train.config import CONFIG_FILE, TrainConfig, check_compatible
 
 __all__ = [
@@ -38,26 +38,6 @@ __all__ = [
 ]
 
 PathLike = Union[str, os.PathLike]
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=1)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def load_saved_config(workdir: Path) -> Optional[dict[str, Any]]:
