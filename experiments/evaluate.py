@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from converse_jax.evaluation import DATASETS
+from experiments._cli import run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,15 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+    return run_main(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from converse_jax.imageio import ImageError
+from experiments._cli import one_line, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,27 +105,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
         except (ValueError, OSError, RuntimeError, MemoryError) as exc:
             failed += 1
-            print(f"error: {src}: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+            print(f"error: {src}: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
     if failed:
         print(f"{failed} of {len(pairs)} image(s) failed; the others were written", file=sys.stderr)
         return 1
     return 0
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
-        return 2
+    return run_main(run, build_parser().parse_args(argv))
 
 
 __all__ = ["build_parser", "main", "plan", "run"]

@@ -1,0 +1,24 @@
+"""What every command-line entry point shares: one-line errors and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message folded onto one line."""
+    return " ".join(str(exc).split())
+
+
+def run_main(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Call ``run(args)``: bad input (ValueError, OSError) -> one ``error:`` line and exit 2; Ctrl-C -> 130."""
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
