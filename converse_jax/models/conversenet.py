@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from converse_jax.nn import ConverseBlock, block_key_to_path, pointwise
+from converse_jax.nn import ConverseBlock, block_key_to_path, pointwise, run_blocks
 
 
 class ConverseNet(nnx.Module):
@@ -30,11 +30,11 @@ class ConverseNet(nnx.Module):
         self.conv2 = pointwise(features, in_channels, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.conv1(x)
+        """(B, H, W, C) -> (B, H, W, C). Channels-first inside."""
+        h = self.conv1.channels_first(jnp.moveaxis(x, -1, 1))
         for _ in range(self.num_iterations):
-            for block in self.prior:
-                h = block(h)
-        return self.conv2(h)
+            h = run_blocks(self.prior, h)
+        return jnp.moveaxis(self.conv2.channels_first(h), 1, -1)
 
 
 def torch_key_to_path(key: str) -> tuple:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from converse_jax.nn import ConverseBlock, block_key_to_path, pointwise
+from converse_jax.nn import ConverseBlock, block_key_to_path, pointwise, run_blocks
 
 
 class ConverseDnCNN(nnx.Module):
@@ -30,10 +30,10 @@ class ConverseDnCNN(nnx.Module):
         self.tail = pointwise(features, in_channels, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.head(x)
-        for block in self.body:
-            h = block(h)
-        return self.tail(h)
+        """(B, H, W, C) -> (B, H, W, C). Channels-first inside."""
+        h = self.head.channels_first(jnp.moveaxis(x, -1, 1))
+        h = run_blocks(self.body, h)
+        return jnp.moveaxis(self.tail.channels_first(h), 1, -1)
 
 
 def torch_key_to_path(key: str) -> tuple:

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from converse_jax.nn import Converse2D, ConverseBlock, block_key_to_path, gelu, pointwise
+from converse_jax.nn import (Converse2D, ConverseBlock, apply_channels_first, block_key_to_path, gelu,
+                             pointwise, run_blocks)
 
 
 def bilinear_upsample(x: jax.Array, scale: int) -> jax.Array:
@@ -44,13 +45,13 @@ class ConverseSRResNet(nnx.Module):
         self.conv_last = pointwise(features, out_channels, use_bias=False, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = gelu(self.conv_first(x))
-        for blk in self.body:
-            h = blk(h)
+        """(B, H, W, C) -> (B, H·upscale, W·upscale, C_out). Channels-first inside."""
+        h = gelu(self.conv_first.channels_first(jnp.moveaxis(x, -1, 1)))
+        h = run_blocks(self.body, h)
         for blk, up in zip(self.up_blocks, self.upsamplers):
-            h = gelu(up(blk(h)))
-        h = self.conv_last(gelu(self.hr_block(h)))
-        return h + bilinear_upsample(x, self.upscale)
+            h = gelu(apply_channels_first(up, blk.channels_first(h)))
+        h = self.conv_last.channels_first(gelu(self.hr_block.channels_first(h)))
+        return jnp.moveaxis(h, 1, -1) + bilinear_upsample(x, self.upscale)
 
 
 def torch_key_to_path(key: str) -> tuple:

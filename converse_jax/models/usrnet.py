@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from converse_jax.nn import ConverseBlock, block_key_to_path, gelu, pointwise
-from converse_jax.ops import converse2d, lambda_from_bias
+from converse_jax.nn import ConverseBlock, block_key_to_path, gelu, pointwise, run_blocks
+from converse_jax.ops import converse2d, converse2d_channels_first, lambda_from_bias
 
 KERNEL_SIZE = 7
 KERNEL_FEATURES = 16
@@ -37,6 +37,13 @@ class KernelNet(nnx.Module):
 def data_step(x: jax.Array, kernels: jax.Array, lam: jax.Array, sf: int) -> jax.Array:
     """USRNet's data module: the Converse2D solver with per-sample kernels (B, k, k, C), no padding."""
     return converse2d(x, kernels, lam, scale=sf, padding=0)
+
+
+def _data_step_channels_first(step: Any, x: jax.Array, kernels: jax.Array, lam: jax.Array, sf: int) -> jax.Array:
+    """``step`` (channels-last, like :func:`data_step`) on channels-first ``x`` (B, C, H, W)."""
+    if step is data_step:
+        return converse2d_channels_first(x, jnp.moveaxis(kernels, -1, 1), lam, scale=sf, padding=0)
+    return jnp.moveaxis(step(jnp.moveaxis(x, 1, -1), kernels, lam, sf), -1, 1)
 
 
 class ConverseUSRNet(nnx.Module):
@@ -77,12 +84,11 @@ class ConverseUSRNet(nnx.Module):
                              f"image); got {kernel.shape}")
         feats = self.kernelnet(kernel.astype(x.dtype))
         lam = self.data_weight()
-        h = self.conv1(x)
+        h = self.conv1.channels_first(jnp.moveaxis(x, -1, 1))  # channels-first inside
         for i, conv in enumerate(self.kernel_convs):
-            h = self.data_step(h, conv(feats), lam, sf if i == 0 else 1)
-            for block in self.prior:
-                h = block(h)
-        return self.conv2(h)
+            h = _data_step_channels_first(self.data_step, h, conv(feats), lam, sf if i == 0 else 1)
+            h = run_blocks(self.prior, h)
+        return jnp.moveaxis(self.conv2.channels_first(h), 1, -1)
 
 
 def torch_key_to_path(key: str) -> tuple:

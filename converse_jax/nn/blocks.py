@@ -1,14 +1,14 @@
-"""The reverse-convolution block (PAPER.md §2), channels-last."""
+"""The reverse-convolution block (PAPER.md §2), and running a stack of blocks."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from converse_jax.nn.layers import Converse2D, gelu, layer_norm, pointwise
+from converse_jax.nn.layers import Converse2D, apply_channels_first, gelu, layer_norm, pointwise
 
 
 class ConverseBlock(nnx.Module):
@@ -17,8 +17,9 @@ class ConverseBlock(nnx.Module):
     B1: LayerNorm -> 1x1 conv C->2C -> GELU -> spatial mixer on 2C channels -> GELU -> 1x1 conv 2C->C.
     B2: LayerNorm -> 1x1 conv C->2C -> GELU -> 1x1 conv 2C->C.
 
-    The spatial mixer is a :class:`Converse2D` by default; ``mixer`` builds another one (a depthwise
-    convolution in the baselines) as ``mixer(channels, rngs=..., param_dtype=...)``.
+    Called on channels-last input (B, H, W, C); :meth:`channels_first` takes (B, C, H, W), which is what
+    the networks use inside. The spatial mixer is a :class:`Converse2D` by default; ``mixer`` builds
+    another one (a depthwise convolution in the baselines) as ``mixer(channels, rngs=..., param_dtype=...)``.
     """
 
     def __init__(self, channels: int, kernel_size: int = 3, *, padding: int = 2, padding_mode: str = "circular",
@@ -44,7 +45,45 @@ class ConverseBlock(nnx.Module):
             self.alpha1 = self.alpha2 = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.pw2(gelu(self.mixer(gelu(self.pw1(self.norm1(x))))))
-        x = x + (h if self.alpha1 is None else self.alpha1[...] * h)
-        h = self.pw4(gelu(self.pw3(self.norm2(x))))
-        return x + (h if self.alpha2 is None else self.alpha2[...] * h)
+        """(B, H, W, C) -> (B, H, W, C)."""
+        return jnp.moveaxis(self.channels_first(jnp.moveaxis(x, -1, 1)), 1, -1)
+
+    def channels_first(self, x: jax.Array) -> jax.Array:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        h = self.pw1.channels_first(self.norm1.channels_first(x))
+        h = self.pw2.channels_first(gelu(apply_channels_first(self.mixer, gelu(h))))
+        x = x + (h if self.alpha1 is None else self.alpha1[...][:, None, None] * h)
+        h = self.pw4.channels_first(gelu(self.pw3.channels_first(self.norm2.channels_first(x))))
+        return x + (h if self.alpha2 is None else self.alpha2[...][:, None, None] * h)
+
+
+def run_blocks(blocks: Sequence[nnx.Module], h: jax.Array) -> jax.Array:
+    """Apply ``blocks`` in order to channels-first ``h`` (each block's ``channels_first``).
+
+    Blocks of one structure whose state is only parameters run as one ``jax.lax.scan`` over their stacked
+    parameters: XLA then compiles the block once and keeps one block's temporaries alive at a time
+    (unrolled, it computes every layer's kernel spectrum up front, and peak memory grows with depth).
+    """
+    blocks = list(blocks)
+    if len(blocks) < 2 or not _scannable(blocks):
+        for block in blocks:
+            h = block.channels_first(h)
+        return h
+    graphdef = nnx.graphdef(blocks[0])
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(b) for b in blocks])
+
+    def step(carry: jax.Array, state: Any) -> tuple[jax.Array, None]:
+        return nnx.merge(graphdef, state).channels_first(carry), None
+
+    h, _ = jax.lax.scan(step, h, stacked)
+    return h
+
+
+def _scannable(blocks: list[nnx.Module]) -> bool:
+    graphdef = nnx.graphdef(blocks[0])
+    for block in blocks:
+        if nnx.graphdef(block) != graphdef:
+            return False
+        if jax.tree.leaves(nnx.state(block, nnx.Not(nnx.Param))):
+            return False  # state a block would update (statistics, RNG counters) cannot be scanned read-only
+    return True

@@ -1,4 +1,10 @@
-"""Flax NNX layers of the Converse networks (channels-last)."""
+"""Flax NNX layers of the Converse networks.
+
+Every layer takes channels-last input (B, H, W, C) when called. The layers the networks are built from
+also have a ``channels_first`` method for (B, C, H, W): the networks keep their activations
+channels-first inside, so that the FFTs of Converse2D run over the two minor axes with no transposes,
+and convert once at their input and output.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +14,32 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from converse_jax.ops import PADDING_MODES, converse2d, lambda_from_bias
+from converse_jax.ops import PADDING_MODES, converse2d, converse2d_channels_first, lambda_from_bias
 
 # Initialisation of 1x1 convolutions and linear layers when training from scratch: truncated normal
 # (std 0.02) weights and zero biases, as in the official code's baselines (PAPER.md §3).
 DEFAULT_KERNEL_INIT = nnx.initializers.truncated_normal(stddev=0.02)
 
 
+_SQRT_HALF = 0.7071067811865476
+
+
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, as PyTorch's ``nn.GELU()``; ``jax.nn.gelu`` defaults to the tanh approximation."""
-    return jax.nn.gelu(x, approximate=False)
+    """Exact (erf) GELU, as PyTorch's ``nn.GELU()``: ``x/2 · (1 + erf(x/√2))``.
+
+    ``jax.nn.gelu`` defaults to the tanh approximation, and its exact form is written with ``erfc``,
+    which XLA's CPU backend expands into several passes; ``erf`` is one polynomial that fuses with
+    its neighbours.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * _SQRT_HALF))
+
+
+def apply_channels_first(module: Any, x: jax.Array) -> jax.Array:
+    """``module`` applied to channels-first ``x`` (B, C, H, W): its ``channels_first`` method when it has
+    one, else its channels-last ``__call__`` between two transposes."""
+    if hasattr(module, "channels_first"):
+        return module.channels_first(x)
+    return jnp.moveaxis(module(jnp.moveaxis(x, 1, -1)), -1, 1)
 
 
 def softmax_kernel_init(key: jax.Array, shape: tuple[int, int, int], dtype: Any = jnp.float32) -> jax.Array:
@@ -54,14 +76,48 @@ class Converse2D(nnx.Module):
         return converse2d(x, self.weight[...], lam, scale=self.scale, padding=self.padding,
                           padding_mode=self.padding_mode)
 
+    def channels_first(self, x: jax.Array) -> jax.Array:
+        """(B, C, H, W) -> (B, C, H·scale, W·scale)."""
+        lam = lambda_from_bias(self.bias[...], self.eps)
+        return converse2d_channels_first(x, jnp.moveaxis(self.weight[...], -1, 0), lam, scale=self.scale,
+                                         padding=self.padding, padding_mode=self.padding_mode)
+
+
+class Pointwise(nnx.Linear):
+    """A 1x1 convolution: ``nnx.Linear`` over the channel axis (last when called, parameters
+    ``kernel`` (C_in, C_out) and ``bias``), with a channels-first method."""
+
+    def channels_first(self, x: jax.Array) -> jax.Array:
+        """(B, C_in, H, W) -> (B, C_out, H, W)."""
+        y = jnp.einsum("bchw,cd->bdhw", x, self.kernel[...])
+        return y if self.bias is None else y + self.bias[...][:, None, None]
+
 
 def pointwise(in_features: int, out_features: int, *, use_bias: bool = True, param_dtype: Any = jnp.float32,
-              rngs: nnx.Rngs) -> nnx.Linear:
-    """A 1x1 convolution: a matmul over the channel (last) axis."""
-    return nnx.Linear(in_features, out_features, use_bias=use_bias, kernel_init=DEFAULT_KERNEL_INIT,
-                      param_dtype=param_dtype, rngs=rngs)
+              rngs: nnx.Rngs) -> Pointwise:
+    """A 1x1 convolution (or a linear layer), truncated-normal initialised (:data:`DEFAULT_KERNEL_INIT`)."""
+    return Pointwise(in_features, out_features, use_bias=use_bias, kernel_init=DEFAULT_KERNEL_INIT,
+                     param_dtype=param_dtype, rngs=rngs)
 
 
-def layer_norm(channels: int, *, param_dtype: Any = jnp.float32, rngs: nnx.Rngs) -> nnx.LayerNorm:
+class ChannelLayerNorm(nnx.LayerNorm):
+    """``nnx.LayerNorm`` over channels (the last axis when called), with a channels-first method."""
+
+    def channels_first(self, x: jax.Array) -> jax.Array:
+        """LayerNorm over axis 1 of (B, C, H, W). The channel means are matrix-vector products: XLA's CPU
+        reduction over a major axis is several times slower."""
+        avg = jnp.full((x.shape[1],), 1.0 / x.shape[1], x.dtype)
+        mean = jnp.einsum("bchw,c->bhw", x, avg)[:, None]
+        d = x - mean
+        var = jnp.einsum("bchw,c->bhw", d * d, avg)[:, None]
+        y = d * jax.lax.rsqrt(var + self.epsilon)
+        if self.scale is not None:
+            y = y * self.scale[...][:, None, None]
+        if self.bias is not None:
+            y = y + self.bias[...][:, None, None]
+        return y
+
+
+def layer_norm(channels: int, *, param_dtype: Any = jnp.float32, rngs: nnx.Rngs) -> ChannelLayerNorm:
     """LayerNorm over channels with PyTorch's numerics: biased variance, eps 1e-5, computed as E[(x-μ)²]."""
-    return nnx.LayerNorm(channels, epsilon=1e-5, use_fast_variance=False, param_dtype=param_dtype, rngs=rngs)
+    return ChannelLayerNorm(channels, epsilon=1e-5, use_fast_variance=False, param_dtype=param_dtype, rngs=rngs)

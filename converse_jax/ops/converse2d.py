@@ -21,12 +21,15 @@ s×s blocks of a spectrum (the spectrum of s-fold downsampling) and ``tile_s`` i
 half spectrum and the inverse transform is a real FFT.
 
 Public entry point: :func:`converse2d` (NHWC). The solver itself is written for one plane
-(:func:`converse_filter`, :func:`apply_filter`) and lifted over channels and batch with ``jax.vmap``.
+(:func:`converse_filter`, :func:`apply_filter`) and lifted over channels and batch with ``jax.vmap`` in
+:func:`converse2d_channels_first`, the layout the networks keep inside (the FFTs then run over the two
+minor axes, with no transposes).
 """
 
 from __future__ import annotations
 
 import numbers
+from functools import partial
 from typing import Any
 
 import jax
@@ -82,9 +85,16 @@ def kernel_spectrum(kernel: Array, shape: tuple[int, int], *, real: bool = False
     height, width = int(shape[0]), int(shape[1])
     kh, kw = kernel.shape
     cdtype = jnp.result_type(kernel.dtype, jnp.complex64)
+    rdtype = jnp.finfo(cdtype).dtype
     eh = _dft_matrix(height, kh, height, cdtype)
     ew = _dft_matrix(width, kw, width // 2 + 1 if real else width, cdtype)
-    return jnp.asarray(eh) @ kernel.astype(cdtype) @ jnp.asarray(ew).T
+    # In real arithmetic: A = E_h·K (two real products), then [A_r A_i] @ [[E_wr, E_wi], [-E_wi, E_wr]]ᵀ.
+    kernel = kernel.astype(rdtype)
+    a = jnp.concatenate([jnp.asarray(eh.real, rdtype) @ kernel, jnp.asarray(eh.imag, rdtype) @ kernel], axis=-1)
+    mix = np.block([[ew.real.T, ew.imag.T], [-ew.imag.T, ew.real.T]])
+    f = a @ jnp.asarray(mix, rdtype)
+    n = ew.shape[0]
+    return jax.lax.complex(f[..., :n], f[..., n:])
 
 
 def _box_response(length: int, scale: int, dtype: Any) -> Array:
@@ -110,14 +120,17 @@ def converse_filter(kernel: Array, lam: Array, out_shape: tuple[int, int], scale
     lam = lam.astype(real_dtype)
     hs, ws = out_shape
     half = ws // 2 + 1
+    # Complex / real is written as a product with the real reciprocal: jnp would promote the
+    # denominator to complex and run a full complex division.
     if scale == 1:
         fk = kernel_spectrum(kernel, out_shape, real=True)
-        return (jnp.conj(fk) + lam) / (fk.real**2 + fk.imag**2 + lam)
+        inv = 1.0 / (fk.real**2 + fk.imag**2 + lam)
+        return jax.lax.complex((fk.real + lam) * inv, -fk.imag * inv)
     fk = kernel_spectrum(kernel, out_shape)
     box = _box_response(hs, scale, real_dtype)[:, None] * _box_response(ws, scale, real_dtype)[None, :]
     num = 1.0 - _fold(fk * box, scale)
-    den = _fold(fk.real**2 + fk.imag**2, scale) + lam
-    inner = jnp.tile(num / den, (scale, scale))
+    inv = 1.0 / (_fold(fk.real**2 + fk.imag**2, scale) + lam)
+    inner = jnp.tile(jax.lax.complex(num.real * inv, num.imag * inv), (scale, scale))
     g = box + jnp.conj(fk) * inner
     return g[:, :half]
 
@@ -176,6 +189,121 @@ def _check_lam(lam: Array, batch: int, channels: int) -> tuple[Array, bool]:
                      f"and {channels} channels; got shape {lam.shape}")
 
 
+def pad_index(n: int, pad: int, mode: str) -> np.ndarray:
+    """Source index of each of the ``n + 2·pad`` samples of an axis padded by ``pad`` on both sides
+    (``circular``, ``reflect`` without repeating the edge, ``replicate``)."""
+    i = np.arange(-pad, n + pad)
+    if mode == "circular":
+        return i % n
+    if mode == "replicate":
+        return np.clip(i, 0, n - 1)
+    if mode == "reflect":
+        if n == 1:
+            return np.zeros_like(i)
+        period = 2 * (n - 1)
+        j = np.abs(i) % period
+        return np.where(j >= n, period - j, j)
+    raise ValueError(f"pad_index: no index form for padding mode {mode!r}")
+
+
+def _pad_reference(x: Array, pad: int, mode: str) -> Array:
+    widths = ((0, 0),) * (x.ndim - 2) + ((pad, pad), (pad, pad))
+    return jnp.pad(x, widths, mode=_JNP_PAD_MODE[mode])
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _pad_gather(x: Array, pad: int, mode: str) -> Array:
+    # One gather with static indices: XLA fuses it with the producer of ``x``, where jnp.pad's
+    # circular mode is a concatenation that costs an extra pass over the tensor.
+    ih = pad_index(x.shape[-2], pad, mode)
+    iw = pad_index(x.shape[-1], pad, mode)
+    return x[..., ih[:, None], iw[None, :]]
+
+
+def _pad_gather_fwd(x: Array, pad: int, mode: str) -> tuple[Array, None]:
+    return _pad_gather(x, pad, mode), None
+
+
+def _pad_gather_bwd(pad: int, mode: str, _: None, g: Array) -> tuple[Array]:
+    # The gather's own transpose is a scatter-add, slow on XLA's CPU backend; jnp.pad's is slices and adds.
+    shape = g.shape[:-2] + (g.shape[-2] - 2 * pad, g.shape[-1] - 2 * pad)
+    _, vjp = jax.vjp(lambda a: _pad_reference(a, pad, mode), jnp.zeros(shape, g.dtype))
+    return vjp(g)
+
+
+_pad_gather.defvjp(_pad_gather_fwd, _pad_gather_bwd)
+
+
+def pad_planes(x: Array, padding: int, padding_mode: str) -> Array:
+    """Pad the last two axes of ``x`` by ``padding`` on each side (``PADDING_MODES``)."""
+    if padding == 0:
+        return x
+    if padding_mode == "constant":
+        return _pad_reference(x, padding, padding_mode)
+    return _pad_gather(x, padding, padding_mode)
+
+
+def converse2d_channels_first(x: Any, kernel: Any, lam: Any, *, scale: int = 1, padding: int = 0,
+                              padding_mode: str = "circular") -> Array:
+    """:func:`converse2d` on channels-first planes, the layout the networks use internally.
+
+    ``x`` (B, C, H, W); ``kernel`` (C, kh, kw) or (B, C, kh, kw); ``lam`` a scalar, (C,) or (B, C).
+    Returns (B, C, H·s, W·s). The FFTs run over the two minor axes, so no transposes are needed; the
+    public, channels-last entry point is :func:`converse2d`.
+    """
+    x = jnp.asarray(x)
+    kernel = jnp.asarray(kernel)
+    lam = jnp.asarray(lam)
+    if x.ndim != 4:
+        raise ValueError(f"x must be a 4-D array (B, C, H, W) in channels-first layout, got shape {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x must be a real floating array, got dtype {x.dtype}; convert it, e.g. x.astype(jnp.float32)")
+    if not jnp.issubdtype(kernel.dtype, jnp.floating):
+        raise ValueError(f"kernel must be a real floating array, got dtype {kernel.dtype}")
+    if not jnp.issubdtype(lam.dtype, jnp.floating):
+        lam = lam.astype(x.dtype)
+    batch, channels, height, width = x.shape
+    scale = _check_scale(scale)
+    padding = _check_padding(padding, padding_mode, height, width)
+    if kernel.ndim == 3:
+        if kernel.shape[0] != channels:
+            raise ValueError(f"kernel channels must equal the input channels: kernel {kernel.shape} "
+                             f"(C, kh, kw) for input with C={channels}")
+        per_sample = False
+    elif kernel.ndim == 4:
+        if kernel.shape[0] != batch or kernel.shape[1] != channels:
+            raise ValueError(f"per-sample kernel must have shape (B, C, kh, kw) = ({batch}, {channels}, kh, kw); "
+                             f"got {kernel.shape}")
+        per_sample = True
+    else:
+        raise ValueError(f"kernel must be (C, kh, kw) or (B, C, kh, kw); got shape {kernel.shape}")
+    lam, per_sample_lam = _check_lam(lam, batch, channels)
+    dtype = jnp.result_type(x.dtype, kernel.dtype, lam.dtype)
+    x, kernel, lam = x.astype(dtype), kernel.astype(dtype), lam.astype(dtype)
+
+    x = pad_planes(x, padding, padding_mode)
+    hp, wp = x.shape[-2], x.shape[-1]
+    out_shape = (hp * scale, wp * scale)
+    kh, kw = kernel.shape[-2], kernel.shape[-1]
+    if kh > out_shape[0] or kw > out_shape[1]:
+        raise ValueError(f"kernel of size {kh}x{kw} is larger than the (padded) output plane {out_shape[0]}x"
+                         f"{out_shape[1]}; use a larger input or padding, or a smaller kernel")
+
+    # One filter per channel (or per sample and channel), shared across the batch when possible.
+    filt = jax.vmap(lambda k, l: converse_filter(k, l, out_shape, scale))  # over channels
+    solve = jax.vmap(lambda y, gg: apply_filter(y, gg, scale))  # over channels
+    if per_sample or per_sample_lam:
+        g = jax.vmap(filt, in_axes=(0 if per_sample else None, 0 if per_sample_lam else None))(kernel, lam)
+        out = jax.vmap(solve)(x, g)  # g: (B, C, Hs, Ws//2+1)
+    else:
+        g = filt(kernel, lam)  # (C, Hs, Ws//2+1)
+        out = jax.vmap(solve, in_axes=(0, None))(x, g)
+    if padding > 0:
+        c = padding * scale
+        out = out[..., c:out.shape[-2] - c, c:out.shape[-1] - c]
+    return out
+
+
 def converse2d(x: Any, kernel: Any, lam: Any, *, scale: int = 1, padding: int = 0,
                padding_mode: str = "circular") -> Array:
     """Depthwise reverse convolution (Converse2D), channels-last.
@@ -194,56 +322,21 @@ def converse2d(x: Any, kernel: Any, lam: Any, *, scale: int = 1, padding: int = 
     """
     x = jnp.asarray(x)
     kernel = jnp.asarray(kernel)
-    lam = jnp.asarray(lam)
     if x.ndim != 4:
         raise ValueError(f"x must be a 4-D array (B, H, W, C) in channels-last layout, got shape {x.shape}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"x must be a real floating array, got dtype {x.dtype}; convert it, e.g. x.astype(jnp.float32)")
-    if not jnp.issubdtype(kernel.dtype, jnp.floating):
-        raise ValueError(f"kernel must be a real floating array, got dtype {kernel.dtype}")
-    if not jnp.issubdtype(lam.dtype, jnp.floating):
-        lam = lam.astype(x.dtype)
-    batch, height, width, channels = x.shape
-    scale = _check_scale(scale)
-    padding = _check_padding(padding, padding_mode, height, width)
+    channels = x.shape[-1]
     if kernel.ndim == 3:
         if kernel.shape[-1] != channels:
             raise ValueError(f"kernel channels must equal the input channels: kernel {kernel.shape} "
                              f"(kh, kw, C) for input with C={channels}")
-        per_sample = False
+        kernel_cf = jnp.moveaxis(kernel, -1, 0)
     elif kernel.ndim == 4:
-        if kernel.shape[0] != batch or kernel.shape[-1] != channels:
-            raise ValueError(f"per-sample kernel must have shape (B, kh, kw, C) = ({batch}, kh, kw, {channels}); "
-                             f"got {kernel.shape}")
-        per_sample = True
+        if kernel.shape[0] != x.shape[0] or kernel.shape[-1] != channels:
+            raise ValueError(f"per-sample kernel must have shape (B, kh, kw, C) = ({x.shape[0]}, kh, kw, "
+                             f"{channels}); got {kernel.shape}")
+        kernel_cf = jnp.moveaxis(kernel, -1, 1)
     else:
         raise ValueError(f"kernel must be (kh, kw, C) or (B, kh, kw, C); got shape {kernel.shape}")
-    lam, per_sample_lam = _check_lam(lam, batch, channels)
-    dtype = jnp.result_type(x.dtype, kernel.dtype, lam.dtype)
-    x, kernel, lam = x.astype(dtype), kernel.astype(dtype), lam.astype(dtype)
-
-    if padding > 0:
-        pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-        x = jnp.pad(x, pads, mode=_JNP_PAD_MODE[padding_mode])
-    hp, wp = x.shape[1], x.shape[2]
-    out_shape = (hp * scale, wp * scale)
-    kh, kw = kernel.shape[-3], kernel.shape[-2]
-    if kh > out_shape[0] or kw > out_shape[1]:
-        raise ValueError(f"kernel of size {kh}x{kw} is larger than the (padded) output plane {out_shape[0]}x"
-                         f"{out_shape[1]}; use a larger input or padding, or a smaller kernel")
-
-    # One filter per channel (or per sample and channel), shared across the batch when possible.
-    filt = jax.vmap(lambda k, l: converse_filter(k, l, out_shape, scale), in_axes=(-1, 0), out_axes=0)
-    solve = jax.vmap(lambda y, gg: apply_filter(y, gg, scale), in_axes=(-1, 0))  # over channels
-    if per_sample or per_sample_lam:
-        g = jax.vmap(filt, in_axes=(0 if per_sample else None, 0 if per_sample_lam else None))(kernel, lam)
-        planes = jax.vmap(solve)(x, g)  # g: (B, C, Hs, Ws//2+1)
-    else:
-        g = filt(kernel, lam)  # (C, Hs, Ws//2+1)
-        planes = jax.vmap(solve, in_axes=(0, None))(x, g)
-    out = jnp.moveaxis(planes, 1, -1)  # (B, Hs, Ws, C)
-    if padding > 0:
-        c = padding * scale
-        out = out[:, c:out.shape[1] - c, c:out.shape[2] - c, :]
-    return out
-
+    out = converse2d_channels_first(jnp.moveaxis(x, -1, 1), kernel_cf, lam, scale=scale, padding=padding,
+                                    padding_mode=padding_mode)
+    return jnp.moveaxis(out, 1, -1)
