@@ -65,11 +65,14 @@ def test_layer_norm_uses_biased_variance_and_pytorch_eps():
     np.testing.assert_allclose(ln(x), (x - mu) / jnp.sqrt(var + 1e-5), rtol=1e-5, atol=1e-5)
 
 
-def test_gelu_is_the_exact_erf_form():
-    x = jnp.linspace(-4, 4, 101)
-    from jax.scipy.special import erf
-    np.testing.assert_allclose(gelu(x), 0.5 * x * (1 + erf(x / jnp.sqrt(2.0))), rtol=1e-5, atol=1e-6)
+def test_gelu_is_the_exact_erf_form(x64):
+    x = jnp.linspace(-8, 8, 1001, dtype=jnp.float64)
+    # jax.nn.gelu's exact form is written with erfc: an independent evaluation of the same function.
+    np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=False), rtol=1e-14, atol=1e-15)
     assert float(jnp.abs(gelu(x) - jax.nn.gelu(x)).max()) > 1e-4  # differs from the tanh approximation
+    x32 = x.astype(jnp.float32)
+    assert gelu(x32).dtype == jnp.float32
+    np.testing.assert_allclose(gelu(x32), jax.nn.gelu(x32, approximate=False), rtol=2e-6, atol=1e-7)
 
 
 def test_alpha_block_starts_as_identity_and_grad_flows():

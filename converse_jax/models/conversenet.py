@@ -8,20 +8,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from converse_jax.nn import ConverseBlock, block_key_to_path, pointwise, run_blocks
+from converse_jax.nn import ConverseBlock, ScanBlocksView, block_key_to_path, pointwise, run_blocks
 
 
-class ConverseNet(nnx.Module):
+class ConverseNet(ScanBlocksView, nnx.Module):
     """1x1 conv 3->64 -> the same ``num_blocks`` blocks applied ``num_iterations`` times -> 1x1 conv 64->3.
 
     Takes only the blurred image. Released: 7 blocks (3x3 kernels, circular padding 2), 5 iterations,
     243,267 parameters.
+    ``scan_blocks``: run the repeated blocks as one ``lax.scan`` (see :func:`converse_jax.nn.run_blocks`).
     """
 
     def __init__(self, in_channels: int = 3, features: int = 64, num_blocks: int = 7, num_iterations: int = 5,
                  kernel_size: int = 3, padding: int = 2, padding_mode: str = "circular", *, mixer=None,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 scan_blocks: bool = True, param_dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs):
         kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.scan_blocks = scan_blocks
         self.num_iterations = num_iterations
         self.conv1 = pointwise(in_channels, features, **kw)
         self.prior = nnx.List([
@@ -33,7 +36,7 @@ class ConverseNet(nnx.Module):
         """(B, H, W, C) -> (B, H, W, C). Channels-first inside."""
         h = self.conv1.channels_first(jnp.moveaxis(x, -1, 1))
         for _ in range(self.num_iterations):
-            h = run_blocks(self.prior, h)
+            h = run_blocks(self.prior, h, scan=self.scan_blocks)
         return jnp.moveaxis(self.conv2.channels_first(h), 1, -1)
 
 

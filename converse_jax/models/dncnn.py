@@ -8,20 +8,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from converse_jax.nn import ConverseBlock, block_key_to_path, pointwise, run_blocks
+from converse_jax.nn import ConverseBlock, ScanBlocksView, block_key_to_path, pointwise, run_blocks
 
 
-class ConverseDnCNN(nnx.Module):
+class ConverseDnCNN(ScanBlocksView, nnx.Module):
     """1x1 conv -> ``num_blocks`` reverse-convolution blocks -> 1x1 conv (no global residual).
 
     Released: 20 blocks, 64 features, 7x7 Converse2D kernels with circular padding 6 (796,353 parameters);
     the paper's table uses 5x5 kernels (734,913).
+    ``scan_blocks``: run the repeated blocks as one ``lax.scan`` (see :func:`converse_jax.nn.run_blocks`).
     """
 
     def __init__(self, in_channels: int = 1, features: int = 64, num_blocks: int = 20, kernel_size: int = 7,
                  padding: int = 6, padding_mode: str = "circular", eps: float = 1e-5, *, mixer=None,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 scan_blocks: bool = True, param_dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs):
         kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.scan_blocks = scan_blocks
         self.head = pointwise(in_channels, features, **kw)
         self.body = nnx.List([
             ConverseBlock(features, kernel_size, padding=padding, padding_mode=padding_mode, eps=eps, mixer=mixer,
@@ -32,7 +35,7 @@ class ConverseDnCNN(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """(B, H, W, C) -> (B, H, W, C). Channels-first inside."""
         h = self.head.channels_first(jnp.moveaxis(x, -1, 1))
-        h = run_blocks(self.body, h)
+        h = run_blocks(self.body, h, scan=self.scan_blocks)
         return jnp.moveaxis(self.tail.channels_first(h), 1, -1)
 
 

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from converse_jax.nn import (Converse2D, ConverseBlock, apply_channels_first, block_key_to_path, gelu,
-                             pointwise, run_blocks)
+from converse_jax.nn import (Converse2D, ConverseBlock, ScanBlocksView, apply_channels_first, block_key_to_path,
+                             gelu, pointwise, run_blocks)
 
 
 def bilinear_upsample(x: jax.Array, scale: int) -> jax.Array:
@@ -18,16 +18,20 @@ def bilinear_upsample(x: jax.Array, scale: int) -> jax.Array:
     return jax.image.resize(x, (b, h * scale, w * scale, c), method="linear", antialias=False)
 
 
-class ConverseSRResNet(nnx.Module):
+class ConverseSRResNet(ScanBlocksView, nnx.Module):
     """conv_first+GELU -> blocks -> [block -> Converse2D x2 -> GELU] x2 -> block -> GELU -> conv_last,
-    plus the input upsampled x4 bilinearly. Released: 699,072 parameters."""
+    plus the input upsampled x4 bilinearly. Released: 699,072 parameters.
+    ``scan_blocks``: run the repeated blocks as one ``lax.scan`` (see :func:`converse_jax.nn.run_blocks`).
+    """
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3, features: int = 64, num_blocks: int = 16,
                  kernel_size: int = 5, padding: int = 4, padding_mode: str = "replicate", upscale: int = 4,
-                 *, mixer=None, upsampler=None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 *, mixer=None, upsampler=None, scan_blocks: bool = True, param_dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs):
         if upscale not in (2, 4):
             raise ValueError(f"upscale must be 2 or 4, got {upscale}")
         kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.scan_blocks = scan_blocks
         block = lambda: ConverseBlock(features, kernel_size, padding=padding, padding_mode=padding_mode,
                                       mixer=mixer, **kw)
         self.upscale = upscale
@@ -47,7 +51,7 @@ class ConverseSRResNet(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """(B, H, W, C) -> (B, H·upscale, W·upscale, C_out). Channels-first inside."""
         h = gelu(self.conv_first.channels_first(jnp.moveaxis(x, -1, 1)))
-        h = run_blocks(self.body, h)
+        h = run_blocks(self.body, h, scan=self.scan_blocks)
         for blk, up in zip(self.up_blocks, self.upsamplers):
             h = gelu(apply_channels_first(up, blk.channels_first(h)))
         h = self.conv_last.channels_first(gelu(self.hr_block.channels_first(h)))

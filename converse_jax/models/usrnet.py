@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from converse_jax.nn import ConverseBlock, block_key_to_path, gelu, pointwise, run_blocks
+from converse_jax.nn import ConverseBlock, ScanBlocksView, block_key_to_path, gelu, pointwise, run_blocks
 from converse_jax.ops import converse2d, converse2d_channels_first, lambda_from_bias
 
 KERNEL_SIZE = 7
@@ -46,19 +46,22 @@ def _data_step_channels_first(step: Any, x: jax.Array, kernels: jax.Array, lam: 
     return jnp.moveaxis(step(jnp.moveaxis(x, 1, -1), kernels, lam, sf), -1, 1)
 
 
-class ConverseUSRNet(nnx.Module):
+class ConverseUSRNet(ScanBlocksView, nnx.Module):
     """``model(x, kernel, sf=1)``: x (B, H, W, 3), kernel (B, 7, 7) -> (B, H·sf, W·sf, 3).
 
     KernelNet turns the blur kernel into 16 feature kernels; per iteration a 1x1 conv (16->64) makes 64
     per-sample kernels for the data step (the same closed-form solver as Converse2D, λ = sigmoid(α - 9) +
     1e-3), followed by a prior of alpha blocks shared across iterations. Released: 307,987 parameters.
+    ``scan_blocks``: run the repeated blocks as one ``lax.scan`` (see :func:`converse_jax.nn.run_blocks`).
     """
 
     def __init__(self, in_channels: int = 3, features: int = 64, num_blocks: int = 7, num_iterations: int = 5,
                  kernel_size: int = 3, padding: int = 2, padding_mode: str = "circular",
                  blur_kernel_size: int = KERNEL_SIZE, *, mixer=None, data_step=data_step,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 scan_blocks: bool = True, param_dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs):
         kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.scan_blocks = scan_blocks
         self.features = features
         self.blur_kernel_size = blur_kernel_size
         self.data_step = data_step
@@ -87,7 +90,7 @@ class ConverseUSRNet(nnx.Module):
         h = self.conv1.channels_first(jnp.moveaxis(x, -1, 1))  # channels-first inside
         for i, conv in enumerate(self.kernel_convs):
             h = _data_step_channels_first(self.data_step, h, conv(feats), lam, sf if i == 0 else 1)
-            h = run_blocks(self.prior, h)
+            h = run_blocks(self.prior, h, scan=self.scan_blocks)
         return jnp.moveaxis(self.conv2.channels_first(h), 1, -1)
 
 

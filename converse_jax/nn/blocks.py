@@ -57,15 +57,30 @@ class ConverseBlock(nnx.Module):
         return x + (h if self.alpha2 is None else self.alpha2[...][:, None, None] * h)
 
 
-def run_blocks(blocks: Sequence[nnx.Module], h: jax.Array) -> jax.Array:
+class ScanBlocksView:
+    """Mixin of the networks with repeated blocks: their ``scan_blocks`` attribute, settable with
+    ``nnx.view(model, scan_blocks=...)`` (the trainer's training view unrolls)."""
+
+    scan_blocks: bool = True
+
+    def set_view(self, scan_blocks: bool | None = None) -> None:
+        """Hook of ``nnx.view``: ``scan_blocks`` selects :func:`run_blocks`' scan or unrolled loop."""
+        if scan_blocks is not None:
+            self.scan_blocks = scan_blocks
+
+
+def run_blocks(blocks: Sequence[nnx.Module], h: jax.Array, *, scan: bool = True) -> jax.Array:
     """Apply ``blocks`` in order to channels-first ``h`` (each block's ``channels_first``).
 
-    Blocks of one structure whose state is only parameters run as one ``jax.lax.scan`` over their stacked
-    parameters: XLA then compiles the block once and keeps one block's temporaries alive at a time
-    (unrolled, it computes every layer's kernel spectrum up front, and peak memory grows with depth).
+    With ``scan``, blocks of one structure whose state is only parameters run as one ``jax.lax.scan``
+    over their stacked parameters: XLA compiles the block once and keeps one block's temporaries alive
+    at a time. Unrolled, XLA's CPU scheduler computes every layer's filter up front and peak memory
+    grows with depth (DnCNN at 256²: 778 instead of 125 MiB). Differentiated, the unrolled form is
+    about 10% faster (the scan copies every block's residuals into stacked buffers), so the trainer
+    unrolls; for inference the two run at the same speed.
     """
     blocks = list(blocks)
-    if len(blocks) < 2 or not _scannable(blocks):
+    if not scan or len(blocks) < 2 or not _scannable(blocks):
         for block in blocks:
             h = block.channels_first(h)
         return h

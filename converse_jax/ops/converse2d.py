@@ -126,13 +126,39 @@ def converse_filter(kernel: Array, lam: Array, out_shape: tuple[int, int], scale
         fk = kernel_spectrum(kernel, out_shape, real=True)
         inv = 1.0 / (fk.real**2 + fk.imag**2 + lam)
         return jax.lax.complex((fk.real + lam) * inv, -fk.imag * inv)
-    fk = kernel_spectrum(kernel, out_shape)
-    box = _box_response(hs, scale, real_dtype)[:, None] * _box_response(ws, scale, real_dtype)[None, :]
-    num = 1.0 - _fold(fk * box, scale)
-    inv = 1.0 / (_fold(fk.real**2 + fk.imag**2, scale) + lam)
-    inner = jnp.tile(jax.lax.complex(num.real * inv, num.imag * inv), (scale, scale))
-    g = box + jnp.conj(fk) * inner
-    return g[:, :half]
+    fk = kernel_spectrum(kernel, out_shape, real=True)  # the half spectrum: (H·s, half)
+    # |F_K|² on the full grid from the half by Hermitian symmetry, |F_K(u, v)| = |F_K(-u, -v)|:
+    # columns v >= half are rows (-u mod H·s) of column W·s - v. XLA fuses this with the fold.
+    power = fk.real**2 + fk.imag**2
+    if ws > half:
+        flipped = jnp.roll(jnp.flip(power, 0), 1, axis=0)
+        power = jnp.concatenate([power, flipped[:, ws - half:0:-1]], axis=1)
+    inv = 1.0 / (_fold(power, scale) + lam)
+    # fold_s(F_K · B) is separable: with P_h = fold of the rows of E_h weighted by the box response,
+    # it is P_h · K · P_wᵀ, a product of small matrices at the input size.
+    cdtype = fk.dtype
+    ph = jnp.asarray(_folded_box_dft(hs, kernel.shape[0], scale), cdtype)
+    pw = jnp.asarray(_folded_box_dft(ws, kernel.shape[1], scale), cdtype)
+    num = 1.0 - ph @ kernel.astype(cdtype) @ pw.T
+    q = jax.lax.complex(num.real * inv, num.imag * inv)  # (H, W)
+    box = (_box_response(hs, scale, real_dtype)[:, None] * _box_response(ws, scale, real_dtype)[None, :half])
+    return box + jnp.conj(fk) * _tile_to(q, hs, half)
+
+
+def _folded_box_dft(n: int, taps: int, scale: int) -> np.ndarray:
+    """(n / scale, taps): (1/s)·Σ_i E[u + i·n/s, t]·box[u + i·n/s], the box-weighted fold of the rows of the
+    size-n DFT matrix of a centred filter (see :func:`_dft_matrix`); computed in float64."""
+    m = n // scale
+    e = _dft_matrix(n, taps, n, np.complex128)
+    box = np.exp(-2j * np.pi * np.arange(n)[:, None] * np.arange(scale)[None, :] / n).sum(axis=1)
+    return (e * box[:, None]).reshape(scale, m, taps).mean(axis=0)
+
+
+def _tile_to(a: Array, rows: int, cols: int) -> Array:
+    """``a`` (h, w) repeated periodically to (rows, cols): out[i, j] = a[i mod h, j mod w] (one gather,
+    which XLA fuses with its consumer)."""
+    h, w = a.shape
+    return a[(np.arange(rows) % h)[:, None], (np.arange(cols) % w)[None, :]]
 
 
 def apply_filter(y: Array, g: Array, scale: int) -> Array:
@@ -143,10 +169,13 @@ def apply_filter(y: Array, g: Array, scale: int) -> Array:
         return jnp.fft.irfft2(jnp.fft.rfft2(y) * g, s=(hs, ws))
     fy = jnp.fft.fft2(y)
     # tile_s(F(y)) restricted to the half spectrum: row index mod H, column index mod W.
-    tiled = jnp.tile(fy, (scale, 1))
-    cols = jnp.arange(ws // 2 + 1) % width
-    tiled = jnp.take(tiled, cols, axis=1)
-    return jnp.fft.irfft2(tiled * g, s=(hs, ws))
+    half = ws // 2 + 1
+    # tile_s(F(y)) on the half spectrum, as a broadcast over the s row blocks of g and a concatenation of
+    # column blocks (a gather here is several times slower on XLA's CPU backend).
+    reps, rest = divmod(half, width)
+    cols = jnp.concatenate([fy] * reps + ([fy[:, :rest]] if rest else []), axis=1)  # (H, half)
+    z = (g.reshape(scale, height, half) * cols[None]).reshape(hs, half)
+    return jnp.fft.irfft2(z, s=(hs, ws))
 
 
 def solve_plane(y: Array, kernel: Array, lam: Array, scale: int = 1) -> Array:

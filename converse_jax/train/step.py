@@ -38,10 +38,12 @@ def _key(path: Any) -> tuple[str, ...]:
     return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def _mode_view(model: nnx.Module, train: bool) -> nnx.Module:
-    """The model with BatchNorm-style layers in training (batch statistics) or evaluation mode."""
+def mode_view(model: nnx.Module, train: bool) -> nnx.Module:
+    """The model with BatchNorm-style layers in training (batch statistics) or evaluation mode, and the
+    Converse networks' repeated blocks unrolled for training (faster to differentiate) or scanned for
+    evaluation (bounded memory): see :func:`converse_jax.nn.run_blocks`."""
     try:
-        return nnx.view(model, use_running_average=not train, raise_if_not_found=False)
+        return nnx.view(model, use_running_average=not train, scan_blocks=not train, raise_if_not_found=False)
     except (TypeError, ValueError):
         return model
 
@@ -73,8 +75,8 @@ class ParamCodec:
     """
 
     def __init__(self, model: nnx.Module) -> None:
-        self.train_graphdef, params, extra = nnx.split(_mode_view(model, True), nnx.Param, ...)
-        self.eval_graphdef, _, _ = nnx.split(_mode_view(model, False), nnx.Param, ...)
+        self.train_graphdef, params, extra = nnx.split(mode_view(model, True), nnx.Param, ...)
+        self.eval_graphdef, _, _ = nnx.split(mode_view(model, False), nnx.Param, ...)
         p_leaves, self._p_treedef = jax.tree_util.tree_flatten_with_path(params)
         e_leaves, self._e_treedef = jax.tree_util.tree_flatten_with_path(extra)
         self.param_keys = [_key(path) for path, _ in p_leaves]
