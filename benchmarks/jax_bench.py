@@ -47,20 +47,36 @@ def op_impls() -> tuple[dict[str, Callable[..., jax.Array]], dict[str, str]]:
     notes: dict[str, str] = {}
     try:
         ops = importlib.import_module("converse_jax.ops")
-        impls["ours"] = ops.converse2d
+        # "ours": the operator as the networks run it, channels-first like the PyTorch baseline;
+        # "ours-nhwc": the public channels-last entry point, two transposes more.
+        impls["ours"] = _channels_first(ops.converse2d_channels_first)
+        impls["ours-nhwc"] = ops.converse2d
     except (ImportError, AttributeError) as e:
-        notes["ours"] = f"converse_jax.ops.converse2d not available ({e})"
+        notes["ours"] = f"converse_jax.ops.converse2d_channels_first not available ({e})"
     impls["alt-dft"] = alt_ops.converse2d
     return impls, notes
+
+
+def _channels_first(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """Wrap a channels-first operator so that it takes what :func:`run_op` passes, marked as such."""
+
+    def call(x, kernel, lam, **kw):
+        return fn(x, kernel, lam, **kw)
+
+    call.channels_first = True
+    return call
 
 
 def run_op(case: dict[str, Any], policy: dict[str, Any], impl: Callable[..., jax.Array]) -> dict[str, Any]:
     """Forward and forward+backward (gradients for x, kernel and bias) of one operator case."""
     d = C.op_inputs(case)
-    x = _put(d["x"].transpose(0, 2, 3, 1))
-    kern = _put(d["kernel"].transpose(1, 2, 0))
+    if getattr(impl, "channels_first", False):  # NCHW inputs, (C, k, k) kernel, as the baseline
+        x, kern, ct = _put(d["x"]), _put(d["kernel"]), _put(d["cotangent"])
+    else:
+        x = _put(d["x"].transpose(0, 2, 3, 1))
+        kern = _put(d["kernel"].transpose(1, 2, 0))
+        ct = _put(d["cotangent"].transpose(0, 2, 3, 1))
     bias = _put(d["bias"])
-    ct = _put(d["cotangent"].transpose(0, 2, 3, 1))
     kw = dict(scale=case["scale"], padding=case["padding"], padding_mode=case["padding_mode"])
     eps = case["eps"]
 
@@ -140,8 +156,12 @@ def run_train(case: dict[str, Any], policy: dict[str, Any], impl: str = "ours") 
     import optax
     from flax import nnx
 
+    from converse_jax.train.step import mode_view
+
     name = case["net"]
-    graphdef, params, rest = nnx.split(_build(name, case.get("arch", {})), nnx.Param, ...)
+    # As the trainer does: the training view of the model (repeated blocks unrolled).
+    model = mode_view(_build(name, case.get("arch", {})), True)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optax.adam(1e-4)
     opt_state = tx.init(params)
     d = _net_inputs(case)

@@ -72,7 +72,8 @@ def test_gelu_is_the_exact_erf_form(x64):
     assert float(jnp.abs(gelu(x) - jax.nn.gelu(x)).max()) > 1e-4  # differs from the tanh approximation
     x32 = x.astype(jnp.float32)
     assert gelu(x32).dtype == jnp.float32
-    np.testing.assert_allclose(gelu(x32), jax.nn.gelu(x32, approximate=False), rtol=2e-6, atol=1e-7)
+    # In float32 the erf form (PyTorch's too) cancels in the far negative tail: absolute error <= |x|·eps.
+    np.testing.assert_allclose(gelu(x32), jax.nn.gelu(x32, approximate=False), rtol=2e-6, atol=8e-7)
 
 
 def test_alpha_block_starts_as_identity_and_grad_flows():

@@ -88,8 +88,18 @@ class Pointwise(nnx.Linear):
     ``kernel`` (C_in, C_out) and ``bias``), with a channels-first method."""
 
     def channels_first(self, x: jax.Array) -> jax.Array:
-        """(B, C_in, H, W) -> (B, C_out, H, W)."""
-        y = jnp.einsum("bchw,cd->bdhw", x, self.kernel[...])
+        """(B, C_in, H, W) -> (B, C_out, H, W).
+
+        With a batch, written as a batched matrix product with the kernel broadcast over the batch: its
+        gradient is then a batched product summed over the batch, which XLA's CPU backend runs 2-3x
+        faster than the one contraction over (batch, height, width) it gets from the plain einsum.
+        """
+        b, c, h, w = x.shape
+        if b == 1:
+            y = jnp.einsum("bchw,cd->bdhw", x, self.kernel[...])
+        else:
+            kernel = jnp.broadcast_to(self.kernel[...], (b,) + self.kernel.shape)
+            y = jnp.einsum("bcn,bcd->bdn", x.reshape(b, c, h * w), kernel).reshape(b, -1, h, w)
         return y if self.bias is None else y + self.bias[...][:, None, None]
 
 
