@@ -18,11 +18,11 @@ written to do as little work as possible:
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from converse_jax.ops import pad_planes
 
 _PAD_MODES = {"circular": "wrap", "reflect": "reflect", "replicate": "edge", "constant": "constant"}
 
@@ -56,53 +56,9 @@ def kernel_spectrum(kernel: jax.Array, h: int, w: int, half: bool) -> tuple[jax.
     return f[..., :n], f[..., n:]
 
 
-def pad_index(n: int, pad: int, mode: str) -> np.ndarray:
-    """Source index of each of the n + 2·pad samples of a padded axis (circular, reflect,
-    replicate): padding becomes one gather that XLA fuses with its producer."""
-    i = np.arange(-pad, n + pad)
-    if mode == "circular":
-        return i % n
-    if mode == "replicate":
-        return np.clip(i, 0, n - 1)
-    if mode == "reflect":
-        period = 2 * (n - 1)
-        j = np.abs(i) % period if n > 1 else np.zeros_like(i)
-        return np.where(j >= n, period - j, j)
-    raise ValueError(f"no index form for padding mode {mode!r}")
-
-
-def _pad_reference(x: jax.Array, pad: int, mode: str) -> jax.Array:
-    widths = ((0, 0),) * (x.ndim - 2) + ((pad, pad), (pad, pad))
-    return jnp.pad(x, widths, mode=_PAD_MODES[mode])
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _pad_gather(x: jax.Array, pad: int, mode: str) -> jax.Array:
-    ih = pad_index(x.shape[-2], pad, mode)
-    iw = pad_index(x.shape[-1], pad, mode)
-    return x[..., ih[:, None], iw[None, :]]
-
-
-def _pad_gather_fwd(x: jax.Array, pad: int, mode: str) -> tuple[jax.Array, None]:
-    return _pad_gather(x, pad, mode), None
-
-
-def _pad_gather_bwd(pad: int, mode: str, _: None, g: jax.Array) -> tuple[jax.Array]:
-    # The gather's own transpose is a scatter-add, which XLA's CPU backend runs slowly; the
-    # transpose of jnp.pad is a few slices and adds.
-    shape = g.shape[:-2] + (g.shape[-2] - 2 * pad, g.shape[-1] - 2 * pad)
-    _, vjp = jax.vjp(lambda a: _pad_reference(a, pad, mode), jnp.zeros(shape, g.dtype))
-    return vjp(g)
-
-
-_pad_gather.defvjp(_pad_gather_fwd, _pad_gather_bwd)
-
-
 def _pad_spatial(x: jax.Array, pad: int, mode: str) -> jax.Array:
-    """Pad the last two axes of an NCHW array."""
-    if mode == "constant":
-        return _pad_reference(x, pad, mode)
-    return _pad_gather(x, pad, mode)
+    """Pad the last two axes of an NCHW array: the library's fused-gather padding (it came from here)."""
+    return pad_planes(x, pad, mode)
 
 
 def _lam(lam: jax.Array | float, batched: bool) -> jax.Array:
