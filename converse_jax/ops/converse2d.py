@@ -168,10 +168,9 @@ def apply_filter(y: Array, g: Array, scale: int) -> Array:
     if scale == 1:
         return jnp.fft.irfft2(jnp.fft.rfft2(y) * g, s=(hs, ws))
     fy = jnp.fft.fft2(y)
-    # tile_s(F(y)) restricted to the half spectrum: row index mod H, column index mod W.
     half = ws // 2 + 1
-    # tile_s(F(y)) on the half spectrum, as a broadcast over the s row blocks of g and a concatenation of
-    # column blocks (a gather here is several times slower on XLA's CPU backend).
+    # tile_s(F(y)) restricted to the half spectrum (row index mod H, column index mod W), as a broadcast
+    # over the s row blocks of g and a concatenation of column blocks.
     reps, rest = divmod(half, width)
     cols = jnp.concatenate([fy] * reps + ([fy[:, :rest]] if rest else []), axis=1)  # (H, half)
     z = (g.reshape(scale, height, half) * cols[None]).reshape(hs, half)
