@@ -8,8 +8,8 @@ from typing import Callable
 
 
 def one_line(exc: BaseException) -> str:
-    """An exception's message folded onto one line."""
-    return " ".join(str(exc).split())
+    """An exception's message folded onto one line (its type's name when it has no message)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def run_main(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

@@ -28,6 +28,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
+from experiments._cli import one_line
+
 PROG = "python -m experiments.compare"
 
 
@@ -144,7 +146,7 @@ def check_architectures(configs: Sequence[Any]) -> dict[str, int]:
         try:
             model = nnx.eval_shape(lambda: create(cfg.model, rngs=nnx.Rngs(0), **dict(cfg.model_kwargs)))
         except (TypeError, ValueError) as exc:
-            raise CompareError(f"--arch does not fit {cfg.model}: {' '.join(str(exc).split())}") from None
+            raise CompareError(f"--arch does not fit {cfg.model}: {one_line(exc)}") from None
         counts[cfg.model] = count_params(model)
     return counts
 
@@ -364,12 +366,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         configs = build_configs(models, args, out)
         summary = run_comparison(configs, test_sets, out, progress=not args.no_progress)
     except (CompareError, TrainConfigError, IncompatibleWorkdirError, TrainDataError) as exc:
-        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=err)
+        print(f"{PROG}: error: {one_line(exc)}", file=err)
         return 2
     except (ValueError, OSError) as exc:
         if os.environ.get("CONVERSE_JAX_TRACEBACK"):
             raise
-        print(f"{PROG}: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=err)
+        print(f"{PROG}: error: {one_line(exc)}", file=err)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted: finished checkpoints are kept; rerun to resume", file=err)

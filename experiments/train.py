@@ -18,6 +18,8 @@ import os
 import sys
 from typing import Any, NoReturn, Optional, Sequence
 
+from experiments._cli import one_line
+
 PROG = "python -m experiments.train"
 
 
@@ -123,10 +125,6 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return dataclasses.replace(cfg, **over).validate()
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -143,15 +141,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = config_from_args(args)
         result = train(config, progress=not args.no_progress)
     except NonFiniteLossError as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=err)
+        print(f"{PROG}: error: {one_line(exc)}", file=err)
         return 1
     except (TrainConfigError, IncompatibleWorkdirError, TrainDataError) as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=err)
+        print(f"{PROG}: error: {one_line(exc)}", file=err)
         return 2
     except (ValueError, OSError) as exc:  # bad data source, unreadable file, weights not found, ...
         if os.environ.get("CONVERSE_JAX_TRACEBACK"):
             raise
-        print(f"{PROG}: error: {_one_line(exc)}", file=err)
+        print(f"{PROG}: error: {one_line(exc)}", file=err)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted (second Ctrl-C): the last finished checkpoint is kept", file=err)
