@@ -168,3 +168,31 @@ def test_kernel_spectrum_by_dft_matrices_equals_p2o(x64, kh, kw, h, w):
     k = jnp.asarray(np.random.default_rng(kh * w).random((kh, kw)))
     for real in (False, True):
         np.testing.assert_allclose(kernel_spectrum(k, (h, w), real=real), p2o(k, (h, w), real=real), atol=1e-13)
+
+
+@pytest.mark.parametrize("kh, kw, h, w, scale", [(7, 7, 9, 11, 2), (2, 2, 8, 8, 2), (3, 5, 6, 7, 3), (5, 4, 5, 4, 4),
+                                                 (1, 3, 4, 5, 2)])
+def test_folded_power_from_the_autocorrelation_equals_folding_the_spectrum(x64, kh, kw, h, w, scale):
+    from converse_jax.ops.converse2d import _folded_power
+    k = jnp.asarray(np.random.default_rng(kh + 10 * w).random((kh, kw)))
+    power = jnp.abs(p2o(k, (h * scale, w * scale))) ** 2
+    folded = power.reshape(scale, h, scale, w).mean(axis=(0, 2))  # the average of the s×s blocks
+    np.testing.assert_allclose(_folded_power(k, h, w, scale), folded, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("planes, h, w", [((3, 2), 6, 8), ((1,), 5, 7), ((5,), 4, 9), ((2, 1), 7, 6)])
+def test_paired_inverse_fft_equals_irfft2(x64, planes, h, w):
+    """Two planes per complex inverse FFT, an odd count included: the same as irfft2 of each plane."""
+    from converse_jax.ops.converse2d import _hermitian_full, _irfft2_paired, irfft2_planes
+    x = np.random.default_rng(h * w).standard_normal(planes + (h, w))
+    z = jnp.fft.rfft2(jnp.asarray(x))
+    np.testing.assert_allclose(_hermitian_full(z, w), jnp.fft.fft2(x), atol=1e-12)
+    np.testing.assert_allclose(_irfft2_paired(z, (h, w)), x, atol=1e-12)
+    np.testing.assert_allclose(irfft2_planes(z, (h, w)), x, atol=1e-12)
+    # Differentiated as irfft2, in reverse and forward mode.
+    ct = jnp.asarray(np.random.default_rng(1).standard_normal(x.shape))
+    grad_ours = jax.grad(lambda a: jnp.sum(irfft2_planes(a, (h, w)) * ct))(z)
+    grad_ref = jax.grad(lambda a: jnp.sum(jnp.fft.irfft2(a, s=(h, w)) * ct))(z)
+    np.testing.assert_allclose(grad_ours, grad_ref, atol=1e-12)
+    _, tangent = jax.jvp(lambda a: irfft2_planes(a, (h, w)), (z,), (z * 0.5,))
+    np.testing.assert_allclose(tangent, 0.5 * x, atol=1e-12)

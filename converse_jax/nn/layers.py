@@ -114,12 +114,13 @@ class ChannelLayerNorm(nnx.LayerNorm):
     """``nnx.LayerNorm`` over channels (the last axis when called), with a channels-first method."""
 
     def channels_first(self, x: jax.Array) -> jax.Array:
-        """LayerNorm over axis 1 of (B, C, H, W). The channel means are matrix-vector products: XLA's CPU
-        reduction over a major axis is several times slower."""
+        """LayerNorm over axis 1 of (B, C, H, W). The channel means are vector-matrix products: XLA's CPU
+        reduction over a major axis is several times slower. (The vector comes first: as ``x · avg``,
+        XLA transposes ``x`` to make the contracted axis minor, which takes longer than the product.)"""
         avg = jnp.full((x.shape[1],), 1.0 / x.shape[1], x.dtype)
-        mean = jnp.einsum("bchw,c->bhw", x, avg)[:, None]
+        mean = jnp.einsum("c,bchw->bhw", avg, x)[:, None]
         d = x - mean
-        var = jnp.einsum("bchw,c->bhw", d * d, avg)[:, None]
+        var = jnp.einsum("c,bchw->bhw", avg, d * d)[:, None]
         y = d * jax.lax.rsqrt(var + self.epsilon)
         if self.scale is not None:
             y = y * self.scale[...][:, None, None]
