@@ -195,13 +195,16 @@ def filtered_spectrum(y: Array, g: Array, scale: int) -> Array:
     if scale == 1:
         return fy * g
     half = ws // 2 + 1
-    # tile_s(F(y)) on the half spectrum: F(y)[u mod H, v mod W], read from the real FFT of y by
-    # Hermitian symmetry (F(y)[u, v] = conj F(y)[-u, -v]); the gathers fuse with the product.
-    u = np.arange(hs)[:, None] % height
-    v = np.arange(half)[None, :] % width
-    direct = v <= width // 2
-    return g * jnp.where(direct, fy[u, np.where(direct, v, 0)],
-                         jnp.conj(fy[-u % height, np.where(direct, 0, width - v)]))
+    # tile_s(F(y)) on the half spectrum: F(y)[u mod H, v mod W]. The full spectrum comes from the real
+    # FFT by Hermitian symmetry, F(y)[u, v] = conj F(y)[-u, W - v], and the tiling is a broadcast over
+    # the s row blocks and a concatenation of column blocks. All are slices and concatenations, whose
+    # transposes (in the gradient) are cheap, unlike a gather's scatter-add.
+    mirrored = jnp.flip(fy[:, 1:width - fy.shape[1] + 1], axis=(0, 1))  # rows H-1..0, columns (W-1)//2..1
+    mirrored = jnp.concatenate([mirrored[-1:], mirrored[:-1]], axis=0)  # rows 0, H-1, ..., 1
+    full = jnp.concatenate([fy, jnp.conj(mirrored)], axis=1)  # (H, W)
+    reps, rest = divmod(half, width)
+    cols = jnp.concatenate([full] * reps + ([full[:, :rest]] if rest else []), axis=1)  # (H, half)
+    return (g.reshape(scale, height, half) * cols[None]).reshape(hs, half)
 
 
 def apply_filter(y: Array, g: Array, scale: int) -> Array:
