@@ -21,9 +21,10 @@ s×s blocks of a spectrum (the spectrum of s-fold downsampling) and ``tile_s`` i
 half spectrum and the inverse transform is a real FFT.
 
 Public entry point: :func:`converse2d` (NHWC). The solver itself is written for one plane
-(:func:`converse_filter`, :func:`apply_filter`) and lifted over channels and batch with ``jax.vmap`` in
-:func:`converse2d_channels_first`, the layout the networks keep inside (the FFTs then run over the two
-minor axes, with no transposes).
+(:func:`converse_filter`, :func:`filtered_spectrum`, :func:`apply_filter`) and lifted over channels and
+batch with ``jax.vmap`` in :func:`converse2d_channels_first`, the layout the networks keep inside (the
+FFTs then run over the two minor axes, with no transposes). There the inverse FFT runs once over all
+planes (:func:`irfft2_planes`), which on CPU inverts two real planes per complex FFT.
 """
 
 from __future__ import annotations
