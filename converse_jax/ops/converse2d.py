@@ -217,7 +217,9 @@ def apply_filter(y: Array, g: Array, scale: int) -> Array:
 def _hermitian_full(z: Array, width: int) -> Array:
     """Full spectra (..., H, width) of real planes from their half spectra ``z`` (..., H, width // 2 + 1):
     Z[u, v] = conj Z[-u, width - v] for the columns the half leaves out. One gather per element (static
-    indices; it fuses with its consumer) and a sign flip of the imaginary part."""
+    indices; it fuses with its consumer) and a sign flip of the imaginary part. Only for forward use:
+    :func:`filtered_spectrum`, which is differentiated, extends its spectrum with slices instead, because
+    a gather's transpose is a scatter-add."""
     height, half = z.shape[-2:]
     u = np.arange(height)[:, None]
     v = np.arange(width)[None, :]
