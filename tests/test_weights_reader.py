@@ -20,7 +20,7 @@ from converse_jax.weights.reader import load_safetensors
 
 RELEASED = ("converse_dncnn.pth", "converse_srresnet.pth", "conversenet.pth",
             "converse_usrnet.pth")
-# Parameter counts of the released checkpoints (PAPER.md, section 3).
+# Parameter counts of the released checkpoints (docs/architectures.md).
 RELEASED_PARAMS = {"converse_dncnn.pth": 796_353, "converse_srresnet.pth": 699_072,
                    "conversenet.pth": 243_267, "converse_usrnet.pth": 307_987}
 
