@@ -4,7 +4,9 @@ For one channel plane ``y`` (H, W), a kernel ``k`` and ``lam > 0``, Converse2D r
 
     x* = argmin_x ||y - (x ⊛ k)↓s||² + lam ||x - x0||²,     x0 = nearest-upsampling of y by s,
 
-where ⊛ is 2-D circular convolution and ↓s keeps every s-th sample from index 0 (PAPER.md §1).
+where ⊛ is 2-D circular convolution and ↓s keeps every s-th sample from index 0: the problem the
+paper poses for its depthwise reverse convolution (Huang et al., ICCV 2025, arXiv 2508.09824).
+docs/operator.md derives what follows.
 
 The paper writes the closed form with a final division by ``lam`` (≈1e-4), which costs about four
 significant digits. We use an algebraically equal form without it. With ``F_K`` the kernel's transfer
@@ -21,10 +23,10 @@ s×s blocks of a spectrum (the spectrum of s-fold downsampling) and ``tile_s`` i
 half spectrum and the inverse transform is a real FFT.
 
 Public entry point: :func:`converse2d` (NHWC). The solver itself is written for one plane
-(:func:`converse_filter`, :func:`filtered_spectrum`, :func:`apply_filter`) and lifted over channels and
-batch with ``jax.vmap`` in :func:`converse2d_channels_first`, the layout the networks keep inside (the
-FFTs then run over the two minor axes, with no transposes). There the inverse FFT runs once over all
-planes (:func:`irfft2_planes`), which on CPU inverts two real planes per complex FFT.
+(:func:`converse_filter`, :func:`filtered_spectrum`) and lifted over channels and batch with
+``jax.vmap`` in :func:`converse2d_channels_first`, the layout the networks keep inside (the FFTs then
+run over the two minor axes, with no transposes). There the inverse FFT runs once over all planes
+(:func:`irfft2_planes`), which on CPU inverts two real planes per complex FFT.
 """
 
 from __future__ import annotations
@@ -37,10 +39,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PADDING_MODES = ("circular", "reflect", "replicate", "constant")
-_JNP_PAD_MODE = {"circular": "wrap", "reflect": "reflect", "replicate": "edge", "constant": "constant"}
+# The four padding modes (PyTorch's names) and the ``jnp.pad`` mode of each: the one table of the
+# project (the convolution layers of converse_jax.nn pad with it too).
+JNP_PAD_MODES = {"circular": "wrap", "reflect": "reflect", "replicate": "edge", "constant": "constant"}
+PADDING_MODES = tuple(JNP_PAD_MODES)
 
 Array = jax.Array
+
+
+def check_padding_mode(padding_mode: Any) -> str:
+    """``padding_mode`` if it is one of :data:`PADDING_MODES`, else a ValueError naming them."""
+    if padding_mode not in JNP_PAD_MODES:
+        raise ValueError(f"padding_mode must be one of {', '.join(PADDING_MODES)}; got {padding_mode!r}")
+    return padding_mode
 
 
 def lambda_from_bias(bias: Any, eps: float) -> Array:
@@ -189,7 +200,7 @@ def _tile_to(a: Array, rows: int, cols: int) -> Array:
 
 def filtered_spectrum(y: Array, g: Array, scale: int) -> Array:
     """The half spectrum of one solved plane: ``y`` (H, W) real and its filter ``g`` (H·s, W·s // 2 + 1)
-    -> ``tile_s(rfft2(y)) · g``, (H·s, W·s // 2 + 1) complex; :func:`apply_filter` inverts it."""
+    -> ``tile_s(rfft2(y)) · g``, (H·s, W·s // 2 + 1) complex; :func:`irfft2_planes` inverts it."""
     height, width = y.shape
     hs, ws = height * scale, width * scale
     fy = jnp.fft.rfft2(y)  # (H, W // 2 + 1)
@@ -206,12 +217,6 @@ def filtered_spectrum(y: Array, g: Array, scale: int) -> Array:
     reps, rest = divmod(half, width)
     cols = jnp.concatenate([full] * reps + ([full[:, :rest]] if rest else []), axis=1)  # (H, half)
     return (g.reshape(scale, height, half) * cols[None]).reshape(hs, half)
-
-
-def apply_filter(y: Array, g: Array, scale: int) -> Array:
-    """Solve one plane: ``y`` (H, W) real and its filter ``g`` (H·s, W·s // 2 + 1) -> (H·s, W·s)."""
-    height, width = y.shape
-    return jnp.fft.irfft2(filtered_spectrum(y, g, scale), s=(height * scale, width * scale))
 
 
 def _hermitian_full(z: Array, width: int) -> Array:
@@ -256,7 +261,7 @@ def _irfft2_paired(z: Array, shape: tuple[int, int]) -> Array:
 def irfft2_planes(z: Array, shape: tuple[int, int]) -> Array:
     """The real inverse FFT of a stack of half spectra of real planes, (..., H, W // 2 + 1) -> (..., H, W).
 
-    On CPU, planes are inverted in pairs (:func:`_irfft2_paired`, about 1.5x faster); elsewhere this is
+    On CPU, planes are inverted in pairs (:func:`_irfft2_paired`, half the FFT work); elsewhere this is
     ``jnp.fft.irfft2``. Differentiated (either mode) as ``jnp.fft.irfft2``, which it equals.
     """
     shape = tuple(shape)
@@ -268,13 +273,6 @@ def irfft2_planes(z: Array, shape: tuple[int, int]) -> Array:
 def _irfft2_planes_jvp(shape: tuple[int, int], primals: tuple[Array], tangents: tuple[Array]):
     (z,), (dz,) = primals, tangents
     return irfft2_planes(z, shape), jnp.fft.irfft2(dz, s=tuple(shape))
-
-
-def solve_plane(y: Array, kernel: Array, lam: Array, scale: int = 1) -> Array:
-    """Converse2D of one (H, W) plane with its (kh, kw) kernel and scalar ``lam`` (no padding)."""
-    height, width = y.shape
-    g = converse_filter(kernel, lam, (height * scale, width * scale), scale)
-    return apply_filter(y, g, scale)
 
 
 def _check_scale(scale: Any) -> int:
@@ -290,8 +288,7 @@ def _check_padding(padding: Any, padding_mode: str, height: int, width: int) -> 
         raise ValueError(f"padding must be a non-negative integer, got {padding!r}")
     if padding < 0:
         raise ValueError(f"padding must be a non-negative integer, got {padding}")
-    if padding_mode not in PADDING_MODES:
-        raise ValueError(f"padding_mode must be one of {', '.join(PADDING_MODES)}; got {padding_mode!r}")
+    check_padding_mode(padding_mode)
     if padding_mode == "reflect" and padding >= min(height, width):
         raise ValueError(f"reflect padding must be smaller than the input size: padding {padding} with input "
                          f"{height}x{width}; use a smaller padding or another padding_mode")
@@ -329,7 +326,7 @@ def pad_index(n: int, pad: int, mode: str) -> np.ndarray:
 
 def _pad_reference(x: Array, pad: int, mode: str) -> Array:
     widths = ((0, 0),) * (x.ndim - 2) + ((pad, pad), (pad, pad))
-    return jnp.pad(x, widths, mode=_JNP_PAD_MODE[mode])
+    return jnp.pad(x, widths, mode=JNP_PAD_MODES[mode])
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
