@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import require_asset
-from converse_jax.weights import (CheckpointFormatError, UnsafeCheckpointError,
-                                  load_torch_state_dict)
+from converse_jax.weights import CheckpointFormatError, UnsafeCheckpointError, load_torch_state_dict
 from converse_jax.weights.reader import load_safetensors
 
 RELEASED = ("converse_dncnn.pth", "converse_srresnet.pth", "conversenet.pth",

@@ -295,6 +295,21 @@ def _check_padding(padding: Any, padding_mode: str, height: int, width: int) -> 
     return int(padding)
 
 
+def _check_kernel(kernel: Array, batch: int, channels: int) -> bool:
+    """Whether a channels-first ``kernel`` is per sample (B, C, kh, kw) rather than shared (C, kh, kw)."""
+    if kernel.ndim == 3:
+        if kernel.shape[0] != channels:
+            raise ValueError(f"kernel channels must equal the input channels: kernel {kernel.shape} "
+                             f"(C, kh, kw) for input with C={channels}")
+        return False
+    if kernel.ndim == 4:
+        if kernel.shape[0] != batch or kernel.shape[1] != channels:
+            raise ValueError(f"per-sample kernel must have shape (B, C, kh, kw) = ({batch}, {channels}, kh, kw); "
+                             f"got {kernel.shape}")
+        return True
+    raise ValueError(f"kernel must be (C, kh, kw) or (B, C, kh, kw); got shape {kernel.shape}")
+
+
 def _check_lam(lam: Array, batch: int, channels: int) -> tuple[Array, bool]:
     """``lam`` as (C,) (shared by the batch) or (B, C) (per sample), and which one it is."""
     if lam.ndim == 0:
@@ -375,7 +390,8 @@ def converse2d_channels_first(x: Any, kernel: Any, lam: Any, *, scale: int = 1, 
     if x.ndim != 4:
         raise ValueError(f"x must be a 4-D array (B, C, H, W) in channels-first layout, got shape {x.shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"x must be a real floating array, got dtype {x.dtype}; convert it, e.g. x.astype(jnp.float32)")
+        raise ValueError(f"x must be a real floating array, got dtype {x.dtype}; "
+                         "convert it, e.g. x.astype(jnp.float32)")
     if not jnp.issubdtype(kernel.dtype, jnp.floating):
         raise ValueError(f"kernel must be a real floating array, got dtype {kernel.dtype}")
     if not jnp.issubdtype(lam.dtype, jnp.floating):
@@ -383,18 +399,7 @@ def converse2d_channels_first(x: Any, kernel: Any, lam: Any, *, scale: int = 1, 
     batch, channels, height, width = x.shape
     scale = _check_scale(scale)
     padding = _check_padding(padding, padding_mode, height, width)
-    if kernel.ndim == 3:
-        if kernel.shape[0] != channels:
-            raise ValueError(f"kernel channels must equal the input channels: kernel {kernel.shape} "
-                             f"(C, kh, kw) for input with C={channels}")
-        per_sample = False
-    elif kernel.ndim == 4:
-        if kernel.shape[0] != batch or kernel.shape[1] != channels:
-            raise ValueError(f"per-sample kernel must have shape (B, C, kh, kw) = ({batch}, {channels}, kh, kw); "
-                             f"got {kernel.shape}")
-        per_sample = True
-    else:
-        raise ValueError(f"kernel must be (C, kh, kw) or (B, C, kh, kw); got shape {kernel.shape}")
+    per_sample = _check_kernel(kernel, batch, channels)
     lam, per_sample_lam = _check_lam(lam, batch, channels)
     dtype = jnp.result_type(x.dtype, kernel.dtype, lam.dtype)
     x, kernel, lam = x.astype(dtype), kernel.astype(dtype), lam.astype(dtype)
@@ -408,7 +413,7 @@ def converse2d_channels_first(x: Any, kernel: Any, lam: Any, *, scale: int = 1, 
                          f"{out_shape[1]}; use a larger input or padding, or a smaller kernel")
 
     # One filter per channel (or per sample and channel), shared across the batch when possible.
-    filt = jax.vmap(lambda k, l: converse_filter(k, l, out_shape, scale))  # over channels
+    filt = jax.vmap(lambda k, lam_c: converse_filter(k, lam_c, out_shape, scale))  # over channels
     spectrum = jax.vmap(lambda y, gg: filtered_spectrum(y, gg, scale))  # over channels
     if per_sample or per_sample_lam:
         g = jax.vmap(filt, in_axes=(0 if per_sample else None, 0 if per_sample_lam else None))(kernel, lam)
