@@ -1,6 +1,6 @@
 """Alternative JAX implementations of Converse2D, kept here to compare against the library's.
 
-They compute the same minimiser as PAPER.md §1 in its stable form, NHWC in and out, and are
+They compute the same minimiser as docs/operator.md in its stable form, NHWC in and out, and are
 written to do as little work as possible:
 
 * the kernel spectrum comes from a small separable DFT (two matrix products with k columns)

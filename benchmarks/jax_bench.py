@@ -7,7 +7,8 @@ import importlib
 import json
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -95,10 +96,11 @@ def models_available() -> str | None:
     """None when ``converse_jax.models.create`` can be imported, else why not."""
     try:
         mod = importlib.import_module("converse_jax.models")
-        getattr(mod, "create")
-        return None
-    except (ImportError, AttributeError) as e:
+    except ImportError as e:
         return f"converse_jax.models.create not available ({e})"
+    if not hasattr(mod, "create"):
+        return "converse_jax.models.create not available (no such attribute)"
+    return None
 
 
 def _build(name: str, arch: dict[str, Any]):

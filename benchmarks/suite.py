@@ -9,8 +9,9 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from benchmarks import cases as C
 from benchmarks.timing import DEFAULT_POLICY, QUICK_POLICY
@@ -25,14 +26,14 @@ class BenchmarkError(RuntimeError):
 
 # ----------------------------------------------------------------------------- subprocesses
 
-def _subprocess_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+def _subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.update(extra or {})
     return env
 
 
-def _run_json(cmd: list[str], env: dict[str, str], timeout: Optional[float]) -> dict[str, Any]:
+def _run_json(cmd: list[str], env: dict[str, str], timeout: float | None) -> dict[str, Any]:
     """Run a worker command; return its last stdout line parsed as JSON, or {"error": ...}."""
     try:
         r = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -48,7 +49,7 @@ def _run_json(cmd: list[str], env: dict[str, str], timeout: Optional[float]) -> 
         return {"error": f"unreadable worker output: {lines[-1][:200]}"}
 
 
-def find_torch_python(explicit: Optional[str]) -> tuple[Optional[str], str]:
+def find_torch_python(explicit: str | None) -> tuple[str | None, str]:
     """The interpreter that runs the baseline: ``--torch-python``, else ``$CONVERSE_TORCH_PYTHON``,
     else this one if it can import torch. Returns (path or None, why)."""
     for source, path in (("--torch-python", explicit), (TORCH_ENV_VAR, os.environ.get(TORCH_ENV_VAR))):
@@ -68,7 +69,7 @@ def find_torch_python(explicit: Optional[str]) -> tuple[Optional[str], str]:
 class TorchBaseline:
     """Runs baseline measurements in fresh processes of a torch-enabled interpreter."""
 
-    def __init__(self, python: str, timeout: Optional[float]):
+    def __init__(self, python: str, timeout: float | None):
         self.python = python
         self.timeout = timeout
         # A shared CPU makes OpenMP's spinning barriers very slow; sleeping waits give torch its
@@ -86,7 +87,7 @@ class TorchBaseline:
 
 
 def jax_subprocess(section: str, case: dict[str, Any], policy: dict[str, Any],
-                   timeout: Optional[float]) -> dict[str, Any]:
+                   timeout: float | None) -> dict[str, Any]:
     """One JAX measurement in a fresh process of this interpreter (used for peak memory)."""
     req = json.dumps({"section": section, "case": case, "policy": policy})
     out = _run_json([sys.executable, "-m", "benchmarks.jax_bench", req], _subprocess_env(), timeout)
@@ -96,7 +97,7 @@ def jax_subprocess(section: str, case: dict[str, Any], policy: dict[str, Any],
 
 # ----------------------------------------------------------------------------- report rows
 
-def _row(section: str, name: str, mode: str, shape: str, unit: str, ours: Optional[dict], torch: Optional[dict],
+def _row(section: str, name: str, mode: str, shape: str, unit: str, ours: dict | None, torch: dict | None,
          impl: str = "ours", note: str = "") -> dict[str, Any]:
     row: dict[str, Any] = {"section": section, "name": name, "mode": mode, "shape": shape, "impl": impl,
                            "unit": unit, "ours": ours, "torch": torch}
@@ -122,111 +123,130 @@ def _net_shape(c: dict[str, Any]) -> str:
     return s + ("".join(f" {k[4:]}={v}" for k, v in c["arch"].items()) if c.get("arch") else "")
 
 
-def _error(out: Optional[dict[str, Any]]) -> str:
+def _error(out: dict[str, Any] | None) -> str:
     return out.get("error", "") if out else ""
 
 
 # ----------------------------------------------------------------------------- sections
 
-def run_suite(*, sections: list[str], quick: bool, torch: Optional[TorchBaseline], torch_note: str,
-              torch_memory: bool = False, alt: bool = False, nets: Optional[list[str]] = None,
-              policy: Optional[dict[str, Any]] = None,
+def run_suite(*, sections: list[str], quick: bool, torch: TorchBaseline | None, torch_note: str,
+              torch_memory: bool = False, alt: bool = False, nets: list[str] | None = None,
+              policy: dict[str, Any] | None = None,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the requested sections and return the report (a JSON-ready dict)."""
     from benchmarks import jax_bench as J
 
     policy = dict(policy or (QUICK_POLICY if quick else DEFAULT_POLICY))
-    report: dict[str, Any] = {
-        "meta": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "quick": quick, "sections": sections, "nets": nets or list(C.NETWORKS), "alt": alt,
-            "policy": policy, "platform": platform.platform(),
-            "python": platform.python_version(), "jax": J.environment(),
-            "load_average_start": _loadavg(), "torch": None, "torch_note": torch_note,
-        },
-        "results": [], "memory": {}, "micro": [], "notes": [],
-    }
-    rows = report["results"]
-    models_missing = J.models_available()
+    report = _new_report(sections, quick, nets, alt, policy, torch_note, J.environment())
     if torch is not None:
         # the baseline runs on the same kind of device as JAX
         torch.device = "cuda" if report["meta"]["jax"]["backend"] in ("gpu", "cuda", "rocm") else "cpu"
-
     if "op" in sections:
-        impls, notes = J.op_impls()
-        report["notes"] += [f"op: {v}" for v in notes.values()]
-        for case in C.op_cases(quick):
-            log(f"op {case['name']}: {_op_shape(case)}")
-            base = torch.run("op", case, policy) if torch else {}
-            for impl_name, impl in impls.items():
-                try:
-                    ours = J.run_op(case, policy, impl)
-                except Exception as e:  # noqa: BLE001 - a failing implementation is reported, not fatal
-                    ours = {"error": f"{type(e).__name__}: {e}"}
-                for mode in ("fwd", "fwd+bwd"):
-                    rows.append(_row("op", case["name"], mode, _op_shape(case), "s", ours.get(mode),
-                                     base.get(mode), impl=impl_name,
-                                     note=_error(ours) or _error(base)))
-
-    for section, case_list, unit in (("infer", C.infer_cases(quick), "img/s"),
-                                     ("train", C.train_cases(quick), "steps/s")):
-        if section not in sections:
-            continue
-        for case in case_list:
-            if nets is not None and case["net"] not in nets:
-                continue
-            log(f"{section} {case['net']}: {_net_shape(case)}")
-            results = {}
-            for impl in J.NET_IMPLS if alt else J.NET_IMPLS[:1]:
-                if models_missing:
-                    results[impl] = {"error": models_missing}
-                    continue
-                try:
-                    results[impl] = (J.run_infer if section == "infer" else J.run_train)(case, policy, impl)
-                except Exception as e:  # noqa: BLE001
-                    results[impl] = {"error": f"{type(e).__name__}: {e}"}
-            base = torch.run(section, case, policy) if torch else {}
-            for impl, ours in results.items():
-                rows.append(_row(section, case["net"], section, _net_shape(case), unit, ours.get(section),
-                                 base.get(section), impl=impl, note=_error(ours) or _error(base)))
-
+        _op_section(report, quick, torch, policy, log)
+    for section in ("infer", "train"):
+        if section in sections:
+            _net_section(report, section, quick, torch, policy, alt, nets, log)
     if "memory" in sections:
-        mem: dict[str, Any] = {"runs": [], "compiled": []}
-        if models_missing:
-            mem["error"] = models_missing
-        else:
-            sizes = C.MEMORY_COMPILE_SIZES["quick" if quick else "full"]
-            for n in sizes:
-                log(f"memory (compiled) dncnn {n}x{n}")
-                case = C.memory_case(n, quick)
-                try:
-                    mem["compiled"].append(dict(J.compiled_memory(case), size=n))
-                except Exception as e:  # noqa: BLE001
-                    mem["compiled"].append({"size": n, "error": f"{type(e).__name__}: {e}"})
-            for case in C.memory_cases(quick):
-                n = case["out_hw"]
-                log(f"memory (run) dncnn {n}x{n}")
-                entry: dict[str, Any] = {"size": n, "ours": jax_subprocess("memory", case, policy, None)}
-                entry["ours"] = entry["ours"].get("memory", entry["ours"])
-                if torch and torch_memory:
-                    out = torch.run("memory", case, policy)
-                    entry["torch"] = out.get("memory", out)
-                mem["runs"].append(entry)
-            mem["linearity"] = _linearity(mem)
-        report["memory"] = mem
-
+        report["memory"] = _memory_section(quick, torch if torch_memory else None, policy, log)
     if "micro" in sections:
         from benchmarks import micro
 
         log("micro: component timings")
         report["micro"] = micro.run(quick=quick, policy=policy, log=log)
-
     report["meta"]["torch"] = torch.info if torch else None
     report["meta"]["load_average_end"] = _loadavg()
     return report
 
 
-def _loadavg() -> Optional[list[float]]:
+def _new_report(sections: list[str], quick: bool, nets: list[str] | None, alt: bool, policy: dict[str, Any],
+                torch_note: str, jax_env: dict[str, Any]) -> dict[str, Any]:
+    """An empty report with its ``meta`` block filled in."""
+    meta = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "quick": quick, "sections": sections, "nets": nets or list(C.NETWORKS), "alt": alt,
+        "policy": policy, "platform": platform.platform(),
+        "python": platform.python_version(), "jax": jax_env,
+        "load_average_start": _loadavg(), "torch": None, "torch_note": torch_note,
+    }
+    return {"meta": meta, "results": [], "memory": {}, "micro": [], "notes": []}
+
+
+def _guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``fn()``, or ``{"error": ...}``: a failing measurement is reported in its row, not fatal."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def _op_section(report: dict[str, Any], quick: bool, torch: TorchBaseline | None, policy: dict[str, Any],
+                log: Callable[[str], None]) -> None:
+    """The operator's rows: every implementation of ``jax_bench.op_impls`` against the baseline."""
+    from benchmarks import jax_bench as J
+
+    impls, notes = J.op_impls()
+    report["notes"] += [f"op: {v}" for v in notes.values()]
+    for case in C.op_cases(quick):
+        log(f"op {case['name']}: {_op_shape(case)}")
+        base = torch.run("op", case, policy) if torch else {}
+        for impl_name, impl in impls.items():
+            ours = _guarded(lambda impl=impl, case=case: J.run_op(case, policy, impl))
+            for mode in ("fwd", "fwd+bwd"):
+                report["results"].append(_row("op", case["name"], mode, _op_shape(case), "s", ours.get(mode),
+                                              base.get(mode), impl=impl_name, note=_error(ours) or _error(base)))
+
+
+def _net_section(report: dict[str, Any], section: str, quick: bool, torch: TorchBaseline | None,
+                 policy: dict[str, Any], alt: bool, nets: list[str] | None, log: Callable[[str], None]) -> None:
+    """The rows of ``section`` (``infer`` or ``train``) for each network case."""
+    from benchmarks import jax_bench as J
+
+    cases, unit = (C.infer_cases(quick), "img/s") if section == "infer" else (C.train_cases(quick), "steps/s")
+    run = J.run_infer if section == "infer" else J.run_train
+    models_missing = J.models_available()
+    for case in cases:
+        if nets is not None and case["net"] not in nets:
+            continue
+        log(f"{section} {case['net']}: {_net_shape(case)}")
+        results = {}
+        for impl in J.NET_IMPLS if alt else J.NET_IMPLS[:1]:
+            results[impl] = ({"error": models_missing} if models_missing
+                             else _guarded(lambda impl=impl, case=case: run(case, policy, impl)))
+        base = torch.run(section, case, policy) if torch else {}
+        for impl, ours in results.items():
+            report["results"].append(_row(section, case["net"], section, _net_shape(case), unit, ours.get(section),
+                                          base.get(section), impl=impl, note=_error(ours) or _error(base)))
+
+
+def _memory_section(quick: bool, torch: TorchBaseline | None, policy: dict[str, Any],
+                    log: Callable[[str], None]) -> dict[str, Any]:
+    """Peak memory of Converse-DnCNN inference: XLA's compiled buffers, then runs in fresh processes
+    (the baseline's too when ``torch`` is given)."""
+    from benchmarks import jax_bench as J
+
+    mem: dict[str, Any] = {"runs": [], "compiled": []}
+    models_missing = J.models_available()
+    if models_missing:
+        mem["error"] = models_missing
+        return mem
+    for n in C.MEMORY_COMPILE_SIZES["quick" if quick else "full"]:
+        log(f"memory (compiled) dncnn {n}x{n}")
+        case = C.memory_case(n, quick)
+        mem["compiled"].append(dict(_guarded(lambda case=case: J.compiled_memory(case)), size=n))
+    for case in C.memory_cases(quick):
+        n = case["out_hw"]
+        log(f"memory (run) dncnn {n}x{n}")
+        ours = jax_subprocess("memory", case, policy, None)
+        entry: dict[str, Any] = {"size": n, "ours": ours.get("memory", ours)}
+        if torch is not None:
+            out = torch.run("memory", case, policy)
+            entry["torch"] = out.get("memory", out)
+        mem["runs"].append(entry)
+    mem["linearity"] = _linearity(mem)
+    return mem
+
+
+def _loadavg() -> list[float] | None:
     try:
         return list(os.getloadavg())
     except OSError:
@@ -251,7 +271,7 @@ def _linearity(mem: dict[str, Any]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- output
 
-def _fmt_time(r: Optional[dict[str, Any]], unit: str) -> str:
+def _fmt_time(r: dict[str, Any] | None, unit: str) -> str:
     if not r or "median_s" not in r:
         return "-"
     t = r["median_s"]
@@ -262,7 +282,19 @@ def _fmt_time(r: Optional[dict[str, Any]], unit: str) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     """A readable plain-text summary of the report."""
-    meta = report["meta"]
+    lines = _header_lines(report["meta"]) + _result_lines(report["results"])
+    lines += _memory_lines(report.get("memory") or {})
+    if report.get("micro"):
+        lines += ["", "components (JAX, median):"]
+        for m in report["micro"]:
+            lines.append(f"  {m['name']:<58} {_fmt_time(m, 's'):>11}" + (f"  {m['note']}" if m.get("note") else ""))
+    for n in report.get("notes", []):
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
+
+
+def _header_lines(meta: dict[str, Any]) -> list[str]:
+    """Date, backend, baseline and load average."""
     j = meta["jax"]
     lines = [f"converse_jax benchmark  {meta['date']}  {'QUICK ' if meta['quick'] else ''}"
              f"backend={j['backend']} devices={j['device_count']} ({j['device_kind']}) "
@@ -272,11 +304,14 @@ def format_table(report: dict[str, Any]) -> str:
                  f"OMP_WAIT_POLICY={t['OMP_WAIT_POLICY']}" if t else f"baseline: none ({meta.get('torch_note')})")
     lines.append(f"load average: start {meta.get('load_average_start')} end {meta.get('load_average_end')}"
                  "  (median of runs after warm-up)")
+    return lines
+
+
+def _result_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The table of timed rows (op, infer, train) with ratios and targets."""
     header = f"{'section':<7} {'case':<12} {'mode':<8} {'impl':<8} {'shape':<38} {'ours':>11} {'torch':>11} " \
              f"{'ratio':>7}  target"
-    rows = report["results"]
-    if rows:
-        lines += ["", header, "-" * len(header)]
+    lines = ["", header, "-" * len(header)] if rows else []
     for r in rows:
         unit = r["unit"]
         ratio = f"{r['speedup']:.1f}x" if "speedup" in r else "-"
@@ -289,42 +324,44 @@ def format_table(report: dict[str, Any]) -> str:
     if any(r["unit"] != "s" for r in rows):
         lines.append("(op: median time per call; infer: images/s; train: steps/s; ratio: how many times "
                      "faster than torch)")
-    mem = report.get("memory") or {}
-    if mem:
-        lines += ["", "peak memory, Converse-DnCNN inference (B1, gray):"]
-        if "error" in mem:
-            lines.append(f"  {mem['error']}")
-        for m in mem.get("compiled", []):
-            if m.get("available"):
-                lines.append(f"  {m['size']:>5}^2 XLA buffers {m['peak_bytes'] / 2**20:9.1f} MiB "
-                             f"({m['peak_bytes'] / m['pixels']:.0f} B/px; temp {m['temp_bytes'] / 2**20:.1f} MiB, "
-                             f"compile {m['compile_s']:.1f} s)")
-            else:
-                lines.append(f"  {m['size']:>5}^2 XLA buffers: {m.get('error', 'not reported by this backend')}")
-        for r in mem.get("runs", []):
-            o = r["ours"]
-            if "error" in o:
-                lines.append(f"  {r['size']:>5}^2 run: {o['error']}")
-                continue
-            val = o.get("peak_bytes", o.get("peak_rss_growth_bytes", 0))
-            s = f"  {r['size']:>5}^2 run: {val / 2**20:9.1f} MiB ({o['method']}, {o['seconds']:.2f} s)"
-            if "torch" in r:
-                tr = r["torch"]
-                tval = tr.get("peak_bytes", tr.get("peak_rss_growth_bytes"))
-                s += (f"; torch {tval / 2**20:.1f} MiB ({tr['seconds']:.1f} s)" if tval is not None
-                      else f"; torch: {tr.get('error')}")
-            lines.append(s)
-        lin = mem.get("linearity", {})
-        if "compiled_spread" in lin:
-            lines.append(f"  bytes/pixel spread across sizes (XLA buffers): {lin['compiled_spread']:.2f}x "
-                         "(1.00x = exactly linear in area)")
-    if report.get("micro"):
-        lines += ["", "components (JAX, median):"]
-        for m in report["micro"]:
-            lines.append(f"  {m['name']:<58} {_fmt_time(m, 's'):>11}" + (f"  {m['note']}" if m.get("note") else ""))
-    for n in report.get("notes", []):
-        lines.append(f"note: {n}")
-    return "\n".join(lines)
+    return lines
+
+
+def _memory_lines(mem: dict[str, Any]) -> list[str]:
+    """Peak memory: XLA's compiled buffers per size, the measured runs, and how linear in area they are."""
+    if not mem:
+        return []
+    lines = ["", "peak memory, Converse-DnCNN inference (B1, gray):"]
+    if "error" in mem:
+        lines.append(f"  {mem['error']}")
+    for m in mem.get("compiled", []):
+        if m.get("available"):
+            lines.append(f"  {m['size']:>5}^2 XLA buffers {m['peak_bytes'] / 2**20:9.1f} MiB "
+                         f"({m['peak_bytes'] / m['pixels']:.0f} B/px; temp {m['temp_bytes'] / 2**20:.1f} MiB, "
+                         f"compile {m['compile_s']:.1f} s)")
+        else:
+            lines.append(f"  {m['size']:>5}^2 XLA buffers: {m.get('error', 'not reported by this backend')}")
+    lines += [_memory_run_line(r) for r in mem.get("runs", [])]
+    lin = mem.get("linearity", {})
+    if "compiled_spread" in lin:
+        lines.append(f"  bytes/pixel spread across sizes (XLA buffers): {lin['compiled_spread']:.2f}x "
+                     "(1.00x = exactly linear in area)")
+    return lines
+
+
+def _memory_run_line(r: dict[str, Any]) -> str:
+    """One measured memory run (ours, and the baseline's when measured)."""
+    o = r["ours"]
+    if "error" in o:
+        return f"  {r['size']:>5}^2 run: {o['error']}"
+    val = o.get("peak_bytes", o.get("peak_rss_growth_bytes", 0))
+    s = f"  {r['size']:>5}^2 run: {val / 2**20:9.1f} MiB ({o['method']}, {o['seconds']:.2f} s)"
+    if "torch" in r:
+        tr = r["torch"]
+        tval = tr.get("peak_bytes", tr.get("peak_rss_growth_bytes"))
+        s += (f"; torch {tval / 2**20:.1f} MiB ({tr['seconds']:.1f} s)" if tval is not None
+              else f"; torch: {tr.get('error')}")
+    return s
 
 
 def write_json_atomic(report: dict[str, Any], path: Path) -> None:

@@ -7,7 +7,8 @@ import resource
 import statistics
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # How many runs to time (after warm-up): at least ``min_repeats``, at most ``max_repeats``,
 # and stop adding runs once ``budget_s`` seconds of timed runs have passed.
@@ -93,7 +94,7 @@ class RssSampler:
             self.peak = max(self.peak, current_rss())
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self.base = current_rss()
         self.peak = self.base
         self._thread = threading.Thread(target=self._loop, daemon=True)

@@ -1,7 +1,7 @@
 """PyTorch baseline for the benchmark: Algorithm 1 of the paper in its published form.
 
-Written from the formulas in PAPER.md §1 ("Paper's closed form") and the architectures in
-PAPER.md §3, for timing only: NCHW tensors, complex ``torch.fft.fftn`` over the whole
+Written from the paper's closed form (docs/operator.md) and the architectures of
+docs/architectures.md, for timing only: NCHW tensors, complex ``torch.fft.fftn`` over the whole
 (H·s, W·s) grid, the kernel spectrum built by zero-padding and rolling (p2o), the s×s
 block average done by splitting into blocks and taking their mean, and the final division
 by λ. Nothing here is meant to be fast or numerically careful; it is the yardstick.
@@ -14,8 +14,8 @@ Importing this module needs ``torch`` (the ``bench`` extra).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -112,7 +112,7 @@ class ChannelLayerNorm(nn.Module):
 
 
 class ConverseBlock(nn.Module):
-    """x + B1(x), then x + B2(x) (PAPER.md §2); with ``alpha`` each branch is scaled per channel."""
+    """x + B1(x), then x + B2(x) (docs/architectures.md); with ``alpha`` each branch is scaled per channel."""
 
     def __init__(self, channels: int, kernel_size: int, padding: int, padding_mode: str,
                  eps: float = 1e-5, alpha: bool = False):

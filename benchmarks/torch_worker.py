@@ -20,7 +20,6 @@ from benchmarks import cases as C
 from benchmarks import torch_ref as T
 from benchmarks.timing import RssSampler, cpu_threads, measure
 
-
 DEVICE = torch.device("cpu")
 
 

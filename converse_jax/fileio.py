@@ -6,10 +6,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 
-def write_json_atomic(path: Union[str, os.PathLike], payload: Any) -> None:
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
     """Write JSON to ``path`` through a temporary file in the same folder and a rename.
 
     A failure leaves the previous file (if any) untouched and no temporary file behind.

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from benchmarks import cases as C
 
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     # On a GPU, JAX would otherwise reserve most of the memory up front, which hides the peak we
     # measure and starves the baseline's and the memory runs' processes. No effect on CPU.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

@@ -46,7 +46,7 @@ def test_torch_operator_matches_golden_float64(T):
 
 
 def test_torch_operator_float32_within_reference_noise(T):
-    """In float32 the division by λ costs digits (PAPER.md §1: up to 3.7e-3 relative); ours stays in that band."""
+    """In float32 the division by λ costs digits (docs/operator.md: up to 3.7e-3 relative); ours stays in that band."""
     import torch
 
     for entry in _index()["ops"]:

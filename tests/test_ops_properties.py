@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from converse_jax.ops import PADDING_MODES, converse2d, lambda_from_bias, p2o
 
-SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=6, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
 def _objective(x_out, y, kernel, lam, scale):
@@ -100,7 +101,7 @@ def test_jit_vmap_grad_compose():
     grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2)), in_axes=(0, None, None)))(x, kernel, bias)
     for i in (0, 3):
         direct = jax.grad(loss, argnums=(0, 1, 2))(x[i], kernel, bias)
-        for a, b in zip(grads, direct):
+        for a, b in zip(grads, direct, strict=True):
             np.testing.assert_allclose(a[i], b, rtol=2e-4, atol=2e-4)
     # jit gives the same as eager
     np.testing.assert_allclose(jax.jit(loss)(x[0], kernel, bias), loss(x[0], kernel, bias), rtol=1e-5)
@@ -110,7 +111,10 @@ def test_gradient_matches_finite_differences_in_lambda(x64):
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((1, 5, 5, 2)))
     kernel = jnp.asarray(rng.random((3, 3, 2)))
-    f = lambda lam: jnp.sum(jnp.sin(converse2d(x, kernel, lam, scale=2)))
+
+    def f(lam):
+        return jnp.sum(jnp.sin(converse2d(x, kernel, lam, scale=2)))
+
     lam = jnp.asarray([0.03, 0.2])
     g = jax.grad(f)(lam)
     eps = 1e-6

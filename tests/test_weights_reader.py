@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import pickletools
 import struct
 import zipfile
 from pathlib import Path
@@ -14,13 +15,12 @@ import numpy as np
 import pytest
 
 from conftest import require_asset
-from converse_jax.weights import (CheckpointFormatError, UnsafeCheckpointError,
-                                  load_torch_state_dict)
+from converse_jax.weights import CheckpointFormatError, UnsafeCheckpointError, load_torch_state_dict
 from converse_jax.weights.reader import load_safetensors
 
 RELEASED = ("converse_dncnn.pth", "converse_srresnet.pth", "conversenet.pth",
             "converse_usrnet.pth")
-# Parameter counts of the released checkpoints (PAPER.md, section 3).
+# Parameter counts of the released checkpoints (docs/architectures.md).
 RELEASED_PARAMS = {"converse_dncnn.pth": 796_353, "converse_srresnet.pth": 699_072,
                    "conversenet.pth": 243_267, "converse_usrnet.pth": 307_987}
 
@@ -330,6 +330,38 @@ def test_disallowed_opcodes_and_calls(tmp_path):
     path = write_torch_zip(tmp_path / "c.pth", None, {}, pickle_bytes=call)
     with pytest.raises(CheckpointFormatError, match="call"):
         load_torch_state_dict(path)
+
+
+# The opcodes a state-dict pickle may use; anything else (INST, OBJ, EXT*, NEWOBJ_EX, buffers...)
+# must be refused. A change to this list is a change to what the reader lets through.
+ALLOWED_OPCODES = {
+    "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT", "STRING",
+    "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8",
+    "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "NONE", "NEWTRUE", "NEWFALSE",
+    "EMPTY_DICT", "EMPTY_LIST", "EMPTY_TUPLE", "EMPTY_SET", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3",
+    "LIST", "DICT", "FROZENSET", "APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "MARK",
+    "POP", "POP_MARK", "DUP", "PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET",
+    "MEMOIZE", "PROTO", "FRAME", "STOP", "GLOBAL", "STACK_GLOBAL", "REDUCE", "NEWOBJ", "BUILD",
+    "PERSID", "BINPERSID",
+}
+
+
+def test_opcode_table_is_the_allowlist():
+    from converse_jax.weights.reader import _OPCODE_HANDLERS
+
+    assert set(_OPCODE_HANDLERS) | {"STOP"} == ALLOWED_OPCODES
+    assert {op.name for op in pickletools.opcodes} >= ALLOWED_OPCODES
+
+
+@pytest.mark.parametrize("name", sorted({op.name for op in pickletools.opcodes} - ALLOWED_OPCODES))
+def test_every_other_opcode_is_refused_by_name(tmp_path, name):
+    from converse_jax.weights.reader import _SafeUnpickler
+
+    code = next(op.code for op in pickletools.opcodes if op.name == name).encode("latin1")
+    arg = {"EXT1": b"\x01", "EXT2": b"\x01\x00", "EXT4": b"\x01\x00\x00\x00",
+           "INST": b"os\nsystem\n", "NEXT_BUFFER": b"", "READONLY_BUFFER": b""}.get(name, b"")
+    with pytest.raises(CheckpointFormatError, match=name):
+        _SafeUnpickler(b"\x80\x05(" + code + arg + b".", lambda pid: None, "t.pth").load()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Convolution layers of the baselines (PAPER.md §3), channels-last.
+"""Convolution layers of the baselines (docs/architectures.md), channels-last.
 
 Every layer here initialises its weights with a truncated normal (std 0.02) and its biases with zeros,
 as the official baselines do. Kernels are cross-correlations (PyTorch's and flax's convention) except
@@ -15,16 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from converse_jax.nn.layers import DEFAULT_KERNEL_INIT
+from converse_jax.ops import JNP_PAD_MODES, check_padding_mode
 
-CONV_PADDING_MODES = ("circular", "reflect", "replicate", "constant")
-_JNP_PAD = {"circular": "wrap", "reflect": "reflect", "replicate": "edge", "constant": "constant"}
 _ZEROS = nnx.initializers.zeros_init()
-
-
-def _check_mode(padding_mode: str) -> str:
-    if padding_mode not in _JNP_PAD:
-        raise ValueError(f"padding_mode must be one of {', '.join(CONV_PADDING_MODES)}; got {padding_mode!r}")
-    return padding_mode
 
 
 def _check_positive(name: str, value: int, minimum: int = 1) -> int:
@@ -38,7 +31,7 @@ def pad2d(x: jax.Array, before: int, after: int, padding_mode: str) -> jax.Array
     if before == 0 and after == 0:
         return x
     pads = ((0, 0), (before, after), (before, after), (0, 0))
-    return jnp.pad(x, pads, mode=_JNP_PAD[_check_mode(padding_mode)])
+    return jnp.pad(x, pads, mode=JNP_PAD_MODES[check_padding_mode(padding_mode)])
 
 
 def conv2d(in_features: int, out_features: int, kernel_size: int = 3, *, use_bias: bool = True,
@@ -67,7 +60,7 @@ class DepthwiseConv(nnx.Module):
         _check_positive("channels", channels)
         _check_positive("kernel_size", kernel_size)
         self.padding = kernel_size // 2 if padding is None else _check_positive("padding", padding, 0)
-        self.padding_mode = _check_mode(padding_mode)
+        self.padding_mode = check_padding_mode(padding_mode)
         self.conv = nnx.Conv(channels, channels, (kernel_size, kernel_size), padding="VALID",
                              feature_group_count=channels, use_bias=use_bias, kernel_init=DEFAULT_KERNEL_INIT,
                              bias_init=_ZEROS, param_dtype=param_dtype, rngs=rngs)

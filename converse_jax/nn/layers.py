@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from converse_jax.ops import PADDING_MODES, converse2d, converse2d_channels_first, lambda_from_bias
+from converse_jax.ops import check_padding_mode, converse2d, converse2d_channels_first, lambda_from_bias
 
 # Initialisation of 1x1 convolutions and linear layers when training from scratch: truncated normal
-# (std 0.02) weights and zero biases, as in the official code's baselines (PAPER.md §3).
+# (std 0.02) weights and zero biases, as in the official code's baselines (docs/architectures.md).
 DEFAULT_KERNEL_INIT = nnx.initializers.truncated_normal(stddev=0.02)
 
 
@@ -50,7 +50,7 @@ def softmax_kernel_init(key: jax.Array, shape: tuple[int, int, int], dtype: Any 
 
 
 class Converse2D(nnx.Module):
-    """Depthwise reverse convolution layer (PAPER.md §1).
+    """Depthwise reverse convolution layer (the operator of docs/operator.md).
 
     Parameters: ``weight`` (k, k, C), initialised by :func:`softmax_kernel_init`, and ``bias`` (C,) zeros,
     giving ``λ = sigmoid(bias - 9) + eps``. Input (B, H, W, C) -> output (B, H·scale, W·scale, C).
@@ -59,8 +59,7 @@ class Converse2D(nnx.Module):
     def __init__(self, channels: int, kernel_size: int, *, scale: int = 1, padding: int = 2,
                  padding_mode: str = "circular", eps: float = 1e-5, param_dtype: Any = jnp.float32,
                  rngs: nnx.Rngs):
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {', '.join(PADDING_MODES)}; got {padding_mode!r}")
+        check_padding_mode(padding_mode)
         self.channels = channels
         self.kernel_size = kernel_size
         self.scale = scale
@@ -91,8 +90,8 @@ class Pointwise(nnx.Linear):
         """(B, C_in, H, W) -> (B, C_out, H, W).
 
         With a batch, written as a batched matrix product with the kernel broadcast over the batch: its
-        gradient is then a batched product summed over the batch, which XLA's CPU backend runs 2-3x
-        faster than the one contraction over (batch, height, width) it gets from the plain einsum.
+        gradient is then a batched product summed over the batch, which XLA's CPU backend runs faster
+        than the one contraction over (batch, height, width) it gets from the plain einsum.
         """
         b, c, h, w = x.shape
         if b == 1:
@@ -114,9 +113,9 @@ class ChannelLayerNorm(nnx.LayerNorm):
     """``nnx.LayerNorm`` over channels (the last axis when called), with a channels-first method."""
 
     def channels_first(self, x: jax.Array) -> jax.Array:
-        """LayerNorm over axis 1 of (B, C, H, W). The channel means are vector-matrix products: XLA's CPU
-        reduction over a major axis is several times slower. (The vector comes first: as ``x · avg``,
-        XLA transposes ``x`` to make the contracted axis minor, which takes longer than the product.)"""
+        """LayerNorm over axis 1 of (B, C, H, W). The channel means are vector-matrix products, which XLA's
+        CPU backend runs faster than a reduction over a major axis. (The vector comes first: as
+        ``x · avg``, XLA transposes ``x`` to make the contracted axis minor.)"""
         avg = jnp.full((x.shape[1],), 1.0 / x.shape[1], x.dtype)
         mean = jnp.einsum("c,bchw->bhw", avg, x)[:, None]
         d = x - mean

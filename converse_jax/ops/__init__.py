@@ -1,8 +1,18 @@
 """Pure, stateless operators."""
 
-from converse_jax.ops.converse2d import (PADDING_MODES, apply_filter, converse2d, converse2d_channels_first,
-                                         converse_filter, filtered_spectrum, irfft2_planes, lambda_from_bias, p2o,
-                                         pad_planes, solve_plane)
+from converse_jax.ops.converse2d import (
+    JNP_PAD_MODES,
+    PADDING_MODES,
+    check_padding_mode,
+    converse2d,
+    converse2d_channels_first,
+    converse_filter,
+    filtered_spectrum,
+    irfft2_planes,
+    lambda_from_bias,
+    p2o,
+    pad_planes,
+)
 
-__all__ = ["PADDING_MODES", "apply_filter", "converse2d", "converse2d_channels_first", "converse_filter",
-           "filtered_spectrum", "irfft2_planes", "lambda_from_bias", "p2o", "pad_planes", "solve_plane"]
+__all__ = ["JNP_PAD_MODES", "PADDING_MODES", "check_padding_mode", "converse2d", "converse2d_channels_first",
+           "converse_filter", "filtered_spectrum", "irfft2_planes", "lambda_from_bias", "p2o", "pad_planes"]

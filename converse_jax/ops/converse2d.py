@@ -4,7 +4,9 @@ For one channel plane ``y`` (H, W), a kernel ``k`` and ``lam > 0``, Converse2D r
 
     x* = argmin_x ||y - (x ⊛ k)↓s||² + lam ||x - x0||²,     x0 = nearest-upsampling of y by s,
 
-where ⊛ is 2-D circular convolution and ↓s keeps every s-th sample from index 0 (PAPER.md §1).
+where ⊛ is 2-D circular convolution and ↓s keeps every s-th sample from index 0: the problem the
+paper poses for its depthwise reverse convolution (Huang et al., ICCV 2025, arXiv 2508.09824).
+docs/operator.md derives what follows.
 
 The paper writes the closed form with a final division by ``lam`` (≈1e-4), which costs about four
 significant digits. We use an algebraically equal form without it. With ``F_K`` the kernel's transfer
@@ -21,10 +23,10 @@ s×s blocks of a spectrum (the spectrum of s-fold downsampling) and ``tile_s`` i
 half spectrum and the inverse transform is a real FFT.
 
 Public entry point: :func:`converse2d` (NHWC). The solver itself is written for one plane
-(:func:`converse_filter`, :func:`filtered_spectrum`, :func:`apply_filter`) and lifted over channels and
-batch with ``jax.vmap`` in :func:`converse2d_channels_first`, the layout the networks keep inside (the
-FFTs then run over the two minor axes, with no transposes). There the inverse FFT runs once over all
-planes (:func:`irfft2_planes`), which on CPU inverts two real planes per complex FFT.
+(:func:`converse_filter`, :func:`filtered_spectrum`) and lifted over channels and batch with
+``jax.vmap`` in :func:`converse2d_channels_first`, the layout the networks keep inside (the FFTs then
+run over the two minor axes, with no transposes). There the inverse FFT runs once over all planes
+(:func:`irfft2_planes`), which on CPU inverts two real planes per complex FFT.
 """
 
 from __future__ import annotations
@@ -37,10 +39,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PADDING_MODES = ("circular", "reflect", "replicate", "constant")
-_JNP_PAD_MODE = {"circular": "wrap", "reflect": "reflect", "replicate": "edge", "constant": "constant"}
+# The four padding modes (PyTorch's names) and the ``jnp.pad`` mode of each: the one table of the
+# project (the convolution layers of converse_jax.nn pad with it too).
+JNP_PAD_MODES = {"circular": "wrap", "reflect": "reflect", "replicate": "edge", "constant": "constant"}
+PADDING_MODES = tuple(JNP_PAD_MODES)
 
 Array = jax.Array
+
+
+def check_padding_mode(padding_mode: Any) -> str:
+    """``padding_mode`` if it is one of :data:`PADDING_MODES`, else a ValueError naming them."""
+    if padding_mode not in JNP_PAD_MODES:
+        raise ValueError(f"padding_mode must be one of {', '.join(PADDING_MODES)}; got {padding_mode!r}")
+    return padding_mode
 
 
 def lambda_from_bias(bias: Any, eps: float) -> Array:
@@ -189,7 +200,7 @@ def _tile_to(a: Array, rows: int, cols: int) -> Array:
 
 def filtered_spectrum(y: Array, g: Array, scale: int) -> Array:
     """The half spectrum of one solved plane: ``y`` (H, W) real and its filter ``g`` (H·s, W·s // 2 + 1)
-    -> ``tile_s(rfft2(y)) · g``, (H·s, W·s // 2 + 1) complex; :func:`apply_filter` inverts it."""
+    -> ``tile_s(rfft2(y)) · g``, (H·s, W·s // 2 + 1) complex; :func:`irfft2_planes` inverts it."""
     height, width = y.shape
     hs, ws = height * scale, width * scale
     fy = jnp.fft.rfft2(y)  # (H, W // 2 + 1)
@@ -206,12 +217,6 @@ def filtered_spectrum(y: Array, g: Array, scale: int) -> Array:
     reps, rest = divmod(half, width)
     cols = jnp.concatenate([full] * reps + ([full[:, :rest]] if rest else []), axis=1)  # (H, half)
     return (g.reshape(scale, height, half) * cols[None]).reshape(hs, half)
-
-
-def apply_filter(y: Array, g: Array, scale: int) -> Array:
-    """Solve one plane: ``y`` (H, W) real and its filter ``g`` (H·s, W·s // 2 + 1) -> (H·s, W·s)."""
-    height, width = y.shape
-    return jnp.fft.irfft2(filtered_spectrum(y, g, scale), s=(height * scale, width * scale))
 
 
 def _hermitian_full(z: Array, width: int) -> Array:
@@ -256,7 +261,7 @@ def _irfft2_paired(z: Array, shape: tuple[int, int]) -> Array:
 def irfft2_planes(z: Array, shape: tuple[int, int]) -> Array:
     """The real inverse FFT of a stack of half spectra of real planes, (..., H, W // 2 + 1) -> (..., H, W).
 
-    On CPU, planes are inverted in pairs (:func:`_irfft2_paired`, about 1.5x faster); elsewhere this is
+    On CPU, planes are inverted in pairs (:func:`_irfft2_paired`, half the FFT work); elsewhere this is
     ``jnp.fft.irfft2``. Differentiated (either mode) as ``jnp.fft.irfft2``, which it equals.
     """
     shape = tuple(shape)
@@ -268,13 +273,6 @@ def irfft2_planes(z: Array, shape: tuple[int, int]) -> Array:
 def _irfft2_planes_jvp(shape: tuple[int, int], primals: tuple[Array], tangents: tuple[Array]):
     (z,), (dz,) = primals, tangents
     return irfft2_planes(z, shape), jnp.fft.irfft2(dz, s=tuple(shape))
-
-
-def solve_plane(y: Array, kernel: Array, lam: Array, scale: int = 1) -> Array:
-    """Converse2D of one (H, W) plane with its (kh, kw) kernel and scalar ``lam`` (no padding)."""
-    height, width = y.shape
-    g = converse_filter(kernel, lam, (height * scale, width * scale), scale)
-    return apply_filter(y, g, scale)
 
 
 def _check_scale(scale: Any) -> int:
@@ -290,12 +288,26 @@ def _check_padding(padding: Any, padding_mode: str, height: int, width: int) -> 
         raise ValueError(f"padding must be a non-negative integer, got {padding!r}")
     if padding < 0:
         raise ValueError(f"padding must be a non-negative integer, got {padding}")
-    if padding_mode not in PADDING_MODES:
-        raise ValueError(f"padding_mode must be one of {', '.join(PADDING_MODES)}; got {padding_mode!r}")
+    check_padding_mode(padding_mode)
     if padding_mode == "reflect" and padding >= min(height, width):
         raise ValueError(f"reflect padding must be smaller than the input size: padding {padding} with input "
                          f"{height}x{width}; use a smaller padding or another padding_mode")
     return int(padding)
+
+
+def _check_kernel(kernel: Array, batch: int, channels: int) -> bool:
+    """Whether a channels-first ``kernel`` is per sample (B, C, kh, kw) rather than shared (C, kh, kw)."""
+    if kernel.ndim == 3:
+        if kernel.shape[0] != channels:
+            raise ValueError(f"kernel channels must equal the input channels: kernel {kernel.shape} "
+                             f"(C, kh, kw) for input with C={channels}")
+        return False
+    if kernel.ndim == 4:
+        if kernel.shape[0] != batch or kernel.shape[1] != channels:
+            raise ValueError(f"per-sample kernel must have shape (B, C, kh, kw) = ({batch}, {channels}, kh, kw); "
+                             f"got {kernel.shape}")
+        return True
+    raise ValueError(f"kernel must be (C, kh, kw) or (B, C, kh, kw); got shape {kernel.shape}")
 
 
 def _check_lam(lam: Array, batch: int, channels: int) -> tuple[Array, bool]:
@@ -329,7 +341,7 @@ def pad_index(n: int, pad: int, mode: str) -> np.ndarray:
 
 def _pad_reference(x: Array, pad: int, mode: str) -> Array:
     widths = ((0, 0),) * (x.ndim - 2) + ((pad, pad), (pad, pad))
-    return jnp.pad(x, widths, mode=_JNP_PAD_MODE[mode])
+    return jnp.pad(x, widths, mode=JNP_PAD_MODES[mode])
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -378,7 +390,8 @@ def converse2d_channels_first(x: Any, kernel: Any, lam: Any, *, scale: int = 1, 
     if x.ndim != 4:
         raise ValueError(f"x must be a 4-D array (B, C, H, W) in channels-first layout, got shape {x.shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"x must be a real floating array, got dtype {x.dtype}; convert it, e.g. x.astype(jnp.float32)")
+        raise ValueError(f"x must be a real floating array, got dtype {x.dtype}; "
+                         "convert it, e.g. x.astype(jnp.float32)")
     if not jnp.issubdtype(kernel.dtype, jnp.floating):
         raise ValueError(f"kernel must be a real floating array, got dtype {kernel.dtype}")
     if not jnp.issubdtype(lam.dtype, jnp.floating):
@@ -386,18 +399,7 @@ def converse2d_channels_first(x: Any, kernel: Any, lam: Any, *, scale: int = 1, 
     batch, channels, height, width = x.shape
     scale = _check_scale(scale)
     padding = _check_padding(padding, padding_mode, height, width)
-    if kernel.ndim == 3:
-        if kernel.shape[0] != channels:
-            raise ValueError(f"kernel channels must equal the input channels: kernel {kernel.shape} "
-                             f"(C, kh, kw) for input with C={channels}")
-        per_sample = False
-    elif kernel.ndim == 4:
-        if kernel.shape[0] != batch or kernel.shape[1] != channels:
-            raise ValueError(f"per-sample kernel must have shape (B, C, kh, kw) = ({batch}, {channels}, kh, kw); "
-                             f"got {kernel.shape}")
-        per_sample = True
-    else:
-        raise ValueError(f"kernel must be (C, kh, kw) or (B, C, kh, kw); got shape {kernel.shape}")
+    per_sample = _check_kernel(kernel, batch, channels)
     lam, per_sample_lam = _check_lam(lam, batch, channels)
     dtype = jnp.result_type(x.dtype, kernel.dtype, lam.dtype)
     x, kernel, lam = x.astype(dtype), kernel.astype(dtype), lam.astype(dtype)
@@ -411,7 +413,7 @@ def converse2d_channels_first(x: Any, kernel: Any, lam: Any, *, scale: int = 1, 
                          f"{out_shape[1]}; use a larger input or padding, or a smaller kernel")
 
     # One filter per channel (or per sample and channel), shared across the batch when possible.
-    filt = jax.vmap(lambda k, l: converse_filter(k, l, out_shape, scale))  # over channels
+    filt = jax.vmap(lambda k, lam_c: converse_filter(k, lam_c, out_shape, scale))  # over channels
     spectrum = jax.vmap(lambda y, gg: filtered_spectrum(y, gg, scale))  # over channels
     if per_sample or per_sample_lam:
         g = jax.vmap(filt, in_axes=(0 if per_sample else None, 0 if per_sample_lam else None))(kernel, lam)

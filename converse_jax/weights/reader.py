@@ -19,20 +19,20 @@ import pickletools
 import struct
 import zipfile
 import zlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from converse_jax.weights.errors import CheckpointFormatError, UnsafeCheckpointError
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 __all__ = [
     "load_torch_state_dict",
     "load_safetensors",
-    "read_state_dict",
     "WRAPPER_KEYS",
 ]
 
@@ -156,7 +156,7 @@ def _view_storage(storage: Any, dtype: np.dtype, offset: Any, size: Any, stride:
     count = int(np.prod(shape, dtype=np.int64))
     if count == 0:
         return np.zeros(shape, dtype)
-    last = offset + sum((n - 1) * s for n, s in zip(shape, strides))
+    last = offset + sum((n - 1) * s for n, s in zip(shape, strides, strict=False))
     if last >= flat.size:
         raise CheckpointFormatError(
             f"storage {storage.key} holds {flat.size} elements but a tensor of size {shape}, "
@@ -263,7 +263,8 @@ class _SafeUnpickler:
     """A pickle interpreter for state dicts: containers, tensors and nothing else.
 
     It walks the opcodes of the stream (``pickletools.genops`` parses them; nothing is
-    evaluated by :mod:`pickle`) and keeps its own stack and memo. ``GLOBAL`` names resolve only
+    evaluated by :mod:`pickle`) and keeps its own stack and memo. Each allowed opcode has a small
+    handler in :data:`_OPCODE_HANDLERS`; any other opcode is refused. ``GLOBAL`` names resolve only
     through ``_ALLOWED_GLOBALS``; ``REDUCE`` only calls those stand-ins; ``BUILD`` is only
     accepted on dicts (``OrderedDict`` attributes such as ``_metadata``, which are dropped).
     """
@@ -272,6 +273,9 @@ class _SafeUnpickler:
         self.data = data
         self.persistent_load = persistent_load
         self.source = source
+        self.stack: list[Any] = []
+        self.marks: list[list[Any]] = []  # the stack as it was at each open MARK
+        self.memo: dict[int, Any] = {}
 
     def _global(self, module: str, name: str) -> Any:
         try:
@@ -285,130 +289,17 @@ class _SafeUnpickler:
                 f"read", full) from None
 
     def load(self) -> Any:
-        stack: list[Any] = []
-        marks: list[list[Any]] = []
-        memo: dict[int, Any] = {}
-
-        def pop_mark() -> list[Any]:
-            nonlocal stack
-            items = stack
-            stack = marks.pop()
-            return items
-
+        """The object the pickle describes; :class:`CheckpointFormatError` for anything else."""
+        self.stack, self.marks, self.memo = [], [], {}
         try:
             for op, arg, pos in pickletools.genops(self.data):
-                name = op.name
-                if name in _PUSH_ARG:
-                    stack.append(arg)
-                elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
-                    memo[arg] = stack[-1]
-                elif name in ("BINGET", "LONG_BINGET", "GET"):
-                    stack.append(memo[arg])
-                elif name == "MEMOIZE":
-                    memo[len(memo)] = stack[-1]
-                elif name == "MARK":
-                    marks.append(stack)
-                    stack = []
-                elif name == "PROTO":
-                    if arg > 5:
-                        raise CheckpointFormatError(f"unsupported pickle protocol {arg}")
-                elif name == "FRAME":
-                    pass
-                elif name == "STOP":
-                    if len(stack) != 1 or marks:
-                        raise CheckpointFormatError("pickle ended with a malformed stack")
-                    return stack[0]
-                elif name == "NONE":
-                    stack.append(None)
-                elif name == "NEWTRUE":
-                    stack.append(True)
-                elif name == "NEWFALSE":
-                    stack.append(False)
-                elif name == "BYTEARRAY8":
-                    stack.append(bytearray(arg))
-                elif name == "EMPTY_DICT":
-                    stack.append({})
-                elif name == "EMPTY_LIST":
-                    stack.append([])
-                elif name == "EMPTY_TUPLE":
-                    stack.append(())
-                elif name == "EMPTY_SET":
-                    stack.append(set())
-                elif name == "TUPLE":
-                    items = pop_mark()  # before touching `stack`: pop_mark rebinds it
-                    stack.append(tuple(items))
-                elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-                    n = int(name[-1])
-                    items = tuple(stack[-n:])
-                    if len(items) != n:
-                        raise IndexError("stack underflow")
-                    del stack[-n:]
-                    stack.append(items)
-                elif name == "LIST":
-                    items = pop_mark()
-                    stack.append(items)
-                elif name == "DICT":
-                    items = pop_mark()
-                    stack.append(dict(zip(items[::2], items[1::2])))
-                elif name == "FROZENSET":
-                    items = pop_mark()
-                    stack.append(frozenset(items))
-                elif name == "APPEND":
-                    value = stack.pop()
-                    self._expect(stack[-1], list, name).append(value)
-                elif name == "APPENDS":
-                    items = pop_mark()
-                    self._expect(stack[-1], list, name).extend(items)
-                elif name == "SETITEM":
-                    value = stack.pop()
-                    key = stack.pop()
-                    self._expect(stack[-1], dict, name)[key] = value
-                elif name == "SETITEMS":
-                    items = pop_mark()
-                    target = self._expect(stack[-1], dict, name)
-                    if len(items) % 2:
-                        raise CheckpointFormatError("SETITEMS with an odd number of items")
-                    for k, v in zip(items[::2], items[1::2]):
-                        target[k] = v
-                elif name == "ADDITEMS":
-                    items = pop_mark()
-                    self._expect(stack[-1], set, name).update(items)
-                elif name == "POP":
-                    if stack:
-                        stack.pop()
-                    else:
-                        pop_mark()
-                elif name == "POP_MARK":
-                    pop_mark()
-                elif name == "DUP":
-                    stack.append(stack[-1])
-                elif name == "GLOBAL":
-                    module, _, attr = arg.partition(" ")
-                    stack.append(self._global(module, attr))
-                elif name == "STACK_GLOBAL":
-                    attr = stack.pop()
-                    module = stack.pop()
-                    if not isinstance(module, str) or not isinstance(attr, str):
-                        raise CheckpointFormatError("STACK_GLOBAL needs two strings")
-                    stack.append(self._global(module, attr))
-                elif name == "REDUCE":
-                    args = stack.pop()
-                    func = stack.pop()
-                    stack.append(self._call(func, args))
-                elif name == "NEWOBJ":
-                    args = stack.pop()
-                    cls = stack.pop()
-                    stack.append(self._call(cls, args))
-                elif name == "BUILD":
-                    # Attributes of an OrderedDict (torch's _metadata): neither needed nor applied.
-                    stack.pop()
-                    self._expect(stack[-1], dict, name)
-                elif name in ("BINPERSID", "PERSID"):
-                    pid = stack.pop() if name == "BINPERSID" else arg
-                    stack.append(self.persistent_load(pid))
-                else:
+                if op.name == "STOP":
+                    return self._stop()
+                handler = _OPCODE_HANDLERS.get(op.name)
+                if handler is None:
                     raise CheckpointFormatError(
-                        f"pickle opcode {name} (at byte {pos}) is not allowed in a state dict")
+                        f"pickle opcode {op.name} (at byte {pos}) is not allowed in a state dict")
+                handler(self, arg)
         except (CheckpointFormatError, UnsafeCheckpointError):
             raise
         except (IndexError, KeyError, TypeError, ValueError, AttributeError, EOFError,
@@ -417,6 +308,123 @@ class _SafeUnpickler:
                 f"{self.source}: corrupt or truncated pickle ({type(exc).__name__}: {exc})"
             ) from None
         raise CheckpointFormatError(f"{self.source}: pickle has no STOP opcode (truncated)")
+
+    # Stack and memo ------------------------------------------------------------------------
+    def _stop(self) -> Any:
+        if len(self.stack) != 1 or self.marks:
+            raise CheckpointFormatError("pickle ended with a malformed stack")
+        return self.stack[0]
+
+    def _pop_mark(self) -> list[Any]:
+        """The items pushed since the last MARK; the stack before it becomes current again."""
+        items = self.stack
+        self.stack = self.marks.pop()
+        return items
+
+    def _push_arg(self, arg: Any) -> None:
+        self.stack.append(arg)
+
+    def _mark(self, arg: Any) -> None:
+        self.marks.append(self.stack)
+        self.stack = []
+
+    def _put(self, arg: Any) -> None:
+        self.memo[arg] = self.stack[-1]
+
+    def _get(self, arg: Any) -> None:
+        self.stack.append(self.memo[arg])
+
+    def _memoize(self, arg: Any) -> None:
+        self.memo[len(self.memo)] = self.stack[-1]
+
+    def _pop(self, arg: Any) -> None:
+        if self.stack:
+            self.stack.pop()
+        else:
+            self._pop_mark()
+
+    def _pop_mark_op(self, arg: Any) -> None:
+        self._pop_mark()
+
+    def _dup(self, arg: Any) -> None:
+        self.stack.append(self.stack[-1])
+
+    def _proto(self, arg: Any) -> None:
+        if arg > 5:
+            raise CheckpointFormatError(f"unsupported pickle protocol {arg}")
+
+    def _frame(self, arg: Any) -> None:
+        pass
+
+    # Containers ----------------------------------------------------------------------------
+    def _tuple(self, arg: Any) -> None:
+        items = self._pop_mark()
+        self.stack.append(tuple(items))
+
+    def _list(self, arg: Any) -> None:
+        items = self._pop_mark()
+        self.stack.append(items)
+
+    def _dict(self, arg: Any) -> None:
+        items = self._pop_mark()
+        self.stack.append(dict(zip(items[::2], items[1::2], strict=False)))
+
+    def _frozenset(self, arg: Any) -> None:
+        items = self._pop_mark()
+        self.stack.append(frozenset(items))
+
+    def _append(self, arg: Any) -> None:
+        value = self.stack.pop()
+        self._expect(self.stack[-1], list, "APPEND").append(value)
+
+    def _appends(self, arg: Any) -> None:
+        items = self._pop_mark()
+        self._expect(self.stack[-1], list, "APPENDS").extend(items)
+
+    def _setitem(self, arg: Any) -> None:
+        value = self.stack.pop()
+        key = self.stack.pop()
+        self._expect(self.stack[-1], dict, "SETITEM")[key] = value
+
+    def _setitems(self, arg: Any) -> None:
+        items = self._pop_mark()
+        target = self._expect(self.stack[-1], dict, "SETITEMS")
+        if len(items) % 2:
+            raise CheckpointFormatError("SETITEMS with an odd number of items")
+        for k, v in zip(items[::2], items[1::2], strict=True):
+            target[k] = v
+
+    def _additems(self, arg: Any) -> None:
+        items = self._pop_mark()
+        self._expect(self.stack[-1], set, "ADDITEMS").update(items)
+
+    # Globals, calls and storages -------------------------------------------------------------
+    def _global_op(self, arg: Any) -> None:
+        module, _, attr = arg.partition(" ")
+        self.stack.append(self._global(module, attr))
+
+    def _stack_global(self, arg: Any) -> None:
+        attr = self.stack.pop()
+        module = self.stack.pop()
+        if not isinstance(module, str) or not isinstance(attr, str):
+            raise CheckpointFormatError("STACK_GLOBAL needs two strings")
+        self.stack.append(self._global(module, attr))
+
+    def _reduce(self, arg: Any) -> None:  # REDUCE and NEWOBJ: callable, then its argument tuple
+        args = self.stack.pop()
+        func = self.stack.pop()
+        self.stack.append(self._call(func, args))
+
+    def _build(self, arg: Any) -> None:
+        # Attributes of an OrderedDict (torch's _metadata): neither needed nor applied.
+        self.stack.pop()
+        self._expect(self.stack[-1], dict, "BUILD")
+
+    def _binpersid(self, arg: Any) -> None:
+        self.stack.append(self.persistent_load(self.stack.pop()))
+
+    def _persid(self, arg: Any) -> None:
+        self.stack.append(self.persistent_load(arg))
 
     @staticmethod
     def _expect(obj: Any, kind: type, op: str) -> Any:
@@ -433,6 +441,51 @@ class _SafeUnpickler:
         if not isinstance(args, tuple):
             raise CheckpointFormatError("pickle call arguments are not a tuple")
         return func(*args)
+
+
+_Handler = Callable[[_SafeUnpickler, Any], None]
+
+
+def _push_new(factory: Callable[[], Any]) -> _Handler:
+    """A handler that pushes a fresh ``factory()`` (constants and empty containers)."""
+    def handler(machine: _SafeUnpickler, arg: Any) -> None:
+        machine.stack.append(factory())
+    return handler
+
+
+def _tuple_of(n: int) -> _Handler:
+    """The handler of TUPLE1/2/3: the top ``n`` items become one tuple."""
+    def handler(machine: _SafeUnpickler, arg: Any) -> None:
+        items = tuple(machine.stack[-n:])
+        if len(items) != n:
+            raise IndexError("stack underflow")
+        del machine.stack[-n:]
+        machine.stack.append(items)
+    return handler
+
+
+# The opcodes a state dict needs, each with its handler; every other opcode is refused.
+_U = _SafeUnpickler
+_OPCODE_HANDLERS: dict[str, _Handler] = {
+    **dict.fromkeys(_PUSH_ARG, _U._push_arg),
+    "BINPUT": _U._put, "LONG_BINPUT": _U._put, "PUT": _U._put,
+    "BINGET": _U._get, "LONG_BINGET": _U._get, "GET": _U._get,
+    "MEMOIZE": _U._memoize, "MARK": _U._mark, "PROTO": _U._proto, "FRAME": _U._frame,
+    "POP": _U._pop, "POP_MARK": _U._pop_mark_op, "DUP": _U._dup,
+    "NONE": _push_new(lambda: None), "NEWTRUE": _push_new(lambda: True),
+    "NEWFALSE": _push_new(lambda: False),
+    "EMPTY_DICT": _push_new(dict), "EMPTY_LIST": _push_new(list), "EMPTY_TUPLE": _push_new(tuple),
+    "EMPTY_SET": _push_new(set),
+    "BYTEARRAY8": lambda machine, arg: machine.stack.append(bytearray(arg)),
+    "TUPLE": _U._tuple, "TUPLE1": _tuple_of(1), "TUPLE2": _tuple_of(2), "TUPLE3": _tuple_of(3),
+    "LIST": _U._list, "DICT": _U._dict, "FROZENSET": _U._frozenset,
+    "APPEND": _U._append, "APPENDS": _U._appends, "SETITEM": _U._setitem,
+    "SETITEMS": _U._setitems, "ADDITEMS": _U._additems,
+    "GLOBAL": _U._global_op, "STACK_GLOBAL": _U._stack_global,
+    "REDUCE": _U._reduce, "NEWOBJ": _U._reduce, "BUILD": _U._build,
+    "BINPERSID": _U._binpersid, "PERSID": _U._persid,
+}
+del _U
 
 
 # --------------------------------------------------------------------------------------------
@@ -593,15 +646,7 @@ def _sniff(path: Path) -> str:
     return "unknown"
 
 
-def read_state_dict(path: PathLike, key: Optional[str] = None) -> dict[str, np.ndarray]:
-    """Read a ``.pth``/``.pt`` (PyTorch zip) or ``.safetensors`` file into ``{name: array}``.
-
-    Same as :func:`load_torch_state_dict`, which also reads safetensors files.
-    """
-    return load_torch_state_dict(path, key=key)
-
-
-def load_torch_state_dict(path: PathLike, key: Optional[str] = None) -> dict[str, np.ndarray]:
+def load_torch_state_dict(path: PathLike, key: str | None = None) -> dict[str, np.ndarray]:
     """Read a PyTorch checkpoint's state dict as NumPy arrays, without torch and running nothing.
 
     Accepts PyTorch's zip format (``torch.save``, torch>=1.6) and ``.safetensors``. A state
@@ -633,7 +678,7 @@ def _is_state_dict(obj: Any) -> bool:
         isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items())
 
 
-def _extract_state_dict(obj: Any, key: Optional[str], source: str) -> dict[str, np.ndarray]:
+def _extract_state_dict(obj: Any, key: str | None, source: str) -> dict[str, np.ndarray]:
     if not isinstance(obj, Mapping):
         raise CheckpointFormatError(f"{source} holds a {type(obj).__name__}, not a state dict "
                                     f"(a mapping of names to tensors)")
