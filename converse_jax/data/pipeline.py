@@ -27,6 +27,7 @@ from typing import Any, Iterator, Sequence, Union
 
 import grain
 import numpy as np
+from absl import flags  # a dependency of grain
 
 from converse_jax import degradations as D
 from converse_jax.data.sources import EmbeddedSource, FolderSource, ImageSource, parse_source
@@ -147,10 +148,6 @@ def _absl_flags_ready() -> None:
     do so), which fails with ``UnparsedFlagAccessError`` unless the flags were parsed (google/
     grain#1355, fixed upstream by using the default). Marking them parsed keeps every default.
     """
-    try:
-        from absl import flags
-    except ImportError:
-        return
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
