@@ -182,6 +182,8 @@ class Restorer:
     """
 
     def __init__(self, model: Any, task: Optional[Task] = None) -> None:
+        if task is not None and not isinstance(task, Task):
+            raise ValueError(f"Restorer's task must be a converse_jax.tasks.Task (the model's spec.task), got {task!r}")
         self.model = model
         self.task = task if task is not None else DENOISE  # any task whose network takes the image alone
         self._forward = jit_forward(self.task, model)

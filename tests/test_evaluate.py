@@ -225,6 +225,8 @@ def test_restorer_calls_the_network_as_its_task_says():
         E.Restorer(Gain(1.0), DEBLUR)(x, np.ones((3, 3)) / 9)
     with pytest.raises(ValueError, match="needs a blur kernel"):
         E.Restorer(CircularBlur(), DEBLUR_NONBLIND)(x)
+    with pytest.raises(ValueError, match="spec.task"):
+        E.Restorer(CircularBlur(), True)  # the former takes_kernel flag
     delta = np.zeros((3, 3))
     delta[1, 1] = 1.0
     np.testing.assert_allclose(E.Restorer(CircularBlur(), DEBLUR_NONBLIND)(x, delta), x, atol=1e-6)
