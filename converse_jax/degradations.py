@@ -1,26 +1,30 @@
-"""Image degradations of the paper's test protocols (PAPER.md section 4), in numpy.
+"""Image degradations, in numpy: the one implementation shared by the test protocols and the
+training pipeline (both through :mod:`converse_jax.tasks`).
 
-Each function reproduces the reference's arithmetic so that the degraded test inputs equal
-``golden/protocols.npz``:
+The protocol functions reproduce the reference's arithmetic so that the degraded test inputs
+equal ``golden/protocols.npz``:
 
 - :func:`add_noise`: additive white Gaussian noise drawn from numpy's legacy ``RandomState``
-  (the reference seeds the global generator with ``np.random.seed(0)`` before each image);
+  (the reference seeds the global generator with ``np.random.seed(0)`` before each image), or
+  from any generator the caller passes (training draws from its per-sample ``Generator``);
 - :func:`imresize`: MATLAB-style bicubic resize with antialiasing when shrinking;
 - :func:`blur`: 2-D circular convolution (``scipy.ndimage.convolve(..., mode='wrap')``); a
   uint8 image stays uint8, as in the reference's deblurring protocol;
 - :func:`modcrop`: crop height and width down to a multiple of a factor.
 
-The training pipeline uses the same functions (``imresize`` for LR patches, ``add_noise`` and
-``blur`` for synthetic degradations). All images are channels-last: (H, W) or (H, W, C);
-``imresize`` also takes batches (N, H, W, C).
+Also here: the eight flips/rotations (:func:`dihedral`, :func:`dihedral_inverse`) used by the
+training augmentation and the x8 self-ensemble, random blur kernels for training
+(:func:`random_kernel`), and the parsing of noise levels such as ``"25"`` or ``"0,50"``
+(:func:`parse_level_range`). All images are channels-last: (H, W) or (H, W, C); ``imresize``
+also takes batches (N, H, W, C). This module imports no other part of converse_jax but
+:mod:`converse_jax.assets`.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
-from typing import Optional, Union
+from typing import Sequence, Union
 
 import numpy as np
 from scipy import ndimage
@@ -30,11 +34,16 @@ from converse_jax.assets import asset
 __all__ = [
     "add_noise",
     "blur",
+    "dihedral",
+    "dihedral_inverse",
     "imresize",
-    "load_kernel",
     "modcrop",
     "normalize_kernel",
     "paper_kernel",
+    "parse_level_range",
+    "random_gaussian_kernel",
+    "random_kernel",
+    "random_motion_kernel",
     "resize_matrix",
     "to_float",
     "to_uint8",
@@ -139,25 +148,6 @@ def blur(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return ndimage.convolve(img, k, mode="wrap")
 
 
-def load_kernel(path: str) -> np.ndarray:
-    """Read a blur kernel from a ``.npy`` file or a grayscale image; normalised to sum 1."""
-    if not os.path.isfile(path):
-        raise ValueError(f"kernel file {path} does not exist")
-    if str(path).lower().endswith(".npy"):
-        try:
-            k = np.load(path, allow_pickle=False)
-        except Exception as exc:  # noqa: BLE001 - reported as one line
-            raise ValueError(f"cannot read kernel {path} as a .npy array ({exc})") from None
-    else:
-        from converse_jax.imageio import read_image
-
-        k = read_image(path, color="gray")[..., 0].astype(np.float64)
-    try:
-        return normalize_kernel(k)
-    except ValueError as exc:
-        raise ValueError(f"kernel {path}: {exc}") from None
-
-
 def paper_kernel(index: int) -> np.ndarray:
     """Kernel ``index`` (1..5) of the paper's deblurring table, from the shared assets."""
     path = asset("blur_kernels", f"kernel_{int(index)}.npy")
@@ -165,6 +155,143 @@ def paper_kernel(index: int) -> np.ndarray:
         raise ValueError(f"blur kernel {path} not found: set CONVERSE_ASSETS to the shared folder "
                          "holding blur_kernels/kernel_{1..5}.npy")
     return np.load(path)
+
+
+def parse_level_range(value: Union[str, float, Sequence[float]], name: str = "sigma") -> tuple[float, float]:
+    """A noise level or range on the 0..255 scale as ``(low, high)``.
+
+    ``25``, ``"25"`` -> ``(25.0, 25.0)``; ``"0,50"``, ``(0, 50)`` -> ``(0.0, 50.0)``. Raises
+    ValueError naming ``name`` (e.g. ``"--sigma"``) unless ``0 <= low <= high`` and both are finite.
+    """
+    if isinstance(value, str):
+        parts: Sequence = value.split(",")
+    elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        parts = [value]
+    else:
+        parts = value if isinstance(value, (list, tuple, np.ndarray)) else [None]
+    try:
+        levels = [float(p) for p in parts]
+    except (TypeError, ValueError):
+        levels = []
+    if len(levels) == 1:
+        levels = levels * 2
+    if len(levels) != 2:
+        raise ValueError(f"{name} must be a level or a range 'low,high' (0..255 scale), got {value!r}")
+    lo, hi = levels
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi):
+        raise ValueError(f"{name} must satisfy 0 <= low <= high (0..255 scale), got {value!r}")
+    return lo, hi
+
+
+def dihedral(x: np.ndarray, mode: int) -> np.ndarray:
+    """One of the 8 flip/rotate transforms of the two leading spatial axes of ``x``.
+
+    ``mode`` = 4 * flip + k (0..7): mirror left-right if ``flip``, then rotate by k * 90 degrees
+    (``np.rot90``). Mode 0 is the identity. Returns a view (not necessarily contiguous).
+    """
+    mode = int(mode)
+    if not 0 <= mode < 8:
+        raise ValueError(f"dihedral mode must be in 0..7, got {mode}")
+    if mode >= 4:
+        x = np.flip(x, axis=1)
+    return np.rot90(x, mode % 4, axes=(0, 1))
+
+
+def dihedral_inverse(x: np.ndarray, mode: int) -> np.ndarray:
+    """The inverse of :func:`dihedral` with the same ``mode``."""
+    mode = int(mode)
+    if not 0 <= mode < 8:
+        raise ValueError(f"dihedral mode must be in 0..7, got {mode}")
+    x = np.rot90(x, -(mode % 4), axes=(0, 1))
+    return np.flip(x, axis=1) if mode >= 4 else x
+
+
+# ----------------------------------------------------------------------------------------
+# Random blur kernels for training the deblurring networks
+#
+# Both families return non-negative (size, size) float32 kernels that sum to 1, centred on the
+# middle pixel: anisotropic Gaussians (rotated ellipses, the usual model of defocus / lens blur)
+# and motion blurs (a random, slightly curved camera-shake trajectory drawn with sub-pixel
+# accuracy and softened a little, like the paper's test kernels).
+
+
+def _check_kernel_size(size: int) -> None:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 3 or size % 2 == 0:
+        raise ValueError(f"kernel size must be an odd integer >= 3, got {size!r}")
+
+
+def _nonneg_unit_sum(k: np.ndarray) -> np.ndarray:
+    k = np.maximum(k, 0.0)
+    return (k / k.sum()).astype(np.float32)
+
+
+def random_gaussian_kernel(rng: np.random.Generator, size: int = 7,
+                           sigma_range: tuple[float, float] = (0.3, 1.6)) -> np.ndarray:
+    """An anisotropic Gaussian kernel with random axis lengths and orientation.
+
+    The two standard deviations are drawn uniformly from ``sigma_range`` (pixels) and the
+    ellipse is rotated by a uniform angle.
+    """
+    _check_kernel_size(size)
+    lo, hi = sigma_range
+    if not 0 < lo <= hi:
+        raise ValueError(f"sigma_range must satisfy 0 < low <= high, got {sigma_range!r}")
+    s1, s2 = rng.uniform(lo, hi, 2)
+    theta = rng.uniform(0.0, np.pi)
+    c, s = np.cos(theta), np.sin(theta)
+    rot = np.array([[c, -s], [s, c]])
+    cov = rot @ np.diag([s1 * s1, s2 * s2]) @ rot.T
+    prec = np.linalg.inv(cov)
+    r = (size - 1) / 2.0
+    y, x = np.mgrid[-r : r + 1, -r : r + 1]
+    q = prec[0, 0] * y * y + 2.0 * prec[0, 1] * y * x + prec[1, 1] * x * x
+    return _nonneg_unit_sum(np.exp(-0.5 * q))
+
+
+def _motion_path(rng: np.random.Generator, size: int, length: float, steps: int) -> np.ndarray:
+    """(steps + 1, 2) points of a random smooth trajectory, centred and fitted in the window."""
+    turn = np.cumsum(rng.normal(0.0, 0.3, steps)) + rng.normal(0.0, 0.1)
+    angle = rng.uniform(0.0, 2.0 * np.pi) + np.cumsum(turn) * (4.0 / steps)
+    step = length / steps
+    pts = np.concatenate([[[0.0, 0.0]], np.cumsum(step * np.stack([np.sin(angle), np.cos(angle)], 1), 0)])
+    pts -= (pts.max(0) + pts.min(0)) / 2.0  # centre the bounding box
+    extent = np.abs(pts).max()
+    r = (size - 1) / 2.0
+    if extent > r:
+        pts *= r / extent
+    return pts + r
+
+
+def random_motion_kernel(rng: np.random.Generator, size: int = 7,
+                         length_range: tuple[float, float] | None = None, steps: int = 64) -> np.ndarray:
+    """A motion-blur kernel: a random smooth trajectory rasterised with bilinear weights.
+
+    The path has a random length (default between 2 pixels and ``size - 1``), a random initial
+    direction and a randomly drifting curvature; it is centred in the kernel window, scaled
+    down if it does not fit, then softened by a small Gaussian (sigma <= 0.6 px).
+    """
+    _check_kernel_size(size)
+    lo, hi = length_range if length_range is not None else (2.0, float(size - 1))
+    if not 0 < lo <= hi:
+        raise ValueError(f"length_range must satisfy 0 < low <= high, got {length_range!r}")
+    pts = _motion_path(rng, size, rng.uniform(lo, hi), steps)
+    k = np.zeros((size, size), dtype=np.float64)  # bilinear splat of each trajectory point
+    y0 = np.clip(np.floor(pts[:, 0]).astype(int), 0, size - 2)
+    x0 = np.clip(np.floor(pts[:, 1]).astype(int), 0, size - 2)
+    fy, fx = pts[:, 0] - y0, pts[:, 1] - x0
+    for dy, dx, wgt in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+        np.add.at(k, (y0 + dy, x0 + dx), wgt)
+    soft = rng.uniform(0.0, 0.6)
+    if soft > 0.05:
+        k = ndimage.gaussian_filter(k, soft, mode="constant")
+    return _nonneg_unit_sum(k)
+
+
+def random_kernel(rng: np.random.Generator, size: int = 7, p_motion: float = 0.5) -> np.ndarray:
+    """A motion kernel with probability ``p_motion``, else an anisotropic Gaussian."""
+    if rng.random() < p_motion:
+        return random_motion_kernel(rng, size)
+    return random_gaussian_kernel(rng, size)
 
 
 # ----------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 - :func:`resolve_protocol` takes a model's :class:`~converse_jax.models.spec.EvalProtocol` and
   applies overrides (dataset, noise level, kernels);
-- :func:`make_pair` turns a ground-truth uint8 image into (cropped ground truth, network input)
-  exactly as the reference's test scripts do;
+- the model's task (``spec.task``, a :class:`~converse_jax.tasks.Task`) degrades each ground truth
+  exactly as the reference's test scripts do (:meth:`~converse_jax.tasks.Task.protocol_pair`),
+  calls the network and scores its output;
 - :class:`Restorer` runs a model on one image under ``jax.jit`` (one compilation per input
   shape), optionally with the 8-fold flip/rotate self-ensemble;
 - :func:`evaluate` runs a whole folder and returns an :class:`EvalReport` (per-image and
@@ -16,16 +17,19 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
 
 from converse_jax import degradations as D
-from converse_jax import metrics as M
 from converse_jax.assets import asset
 from converse_jax.imageio import list_images, read_image, write_image
+from converse_jax.models import get_spec, list_models
+from converse_jax.tasks import DENOISE, Task, jit_forward
+from converse_jax.weights import load_pretrained
 
 __all__ = [
     "DATASETS",
@@ -34,20 +38,16 @@ __all__ = [
     "ImageResult",
     "Restorer",
     "RunResult",
+    "check_restore_options",
     "dataset_dir",
-    "dihedral",
-    "dihedral_inverse",
     "evaluate",
     "get_model_spec",
     "load_model",
     "load_test_images",
-    "make_pair",
     "paper_value",
     "resolve_protocol",
     "restore_array",
 ]
-
-KERNEL_TASKS = ("deblur", "deblur_nonblind")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,12 +102,12 @@ def resolve_protocol(spec: Any, *, dataset: Optional[str] = None, sigma: Optiona
     if sigma is not None:
         if not sigma >= 0:
             raise ValueError(f"--sigma must be >= 0 (0..255 scale), got {sigma}")
-        if spec.task != "denoise":
-            raise ValueError(f"--sigma applies to denoising models; {spec.name} is a {spec.task} model")
+        if not spec.task.uses_sigma:
+            raise ValueError(f"--sigma applies to denoising models; {spec.name} is a {spec.task.label} model")
         changes["sigma"] = float(sigma)
     if kernels is not None:
-        if spec.task not in KERNEL_TASKS:
-            raise ValueError(f"--kernel applies to deblurring models; {spec.name} is a {spec.task} model")
+        if not spec.task.uses_kernels:
+            raise ValueError(f"--kernel applies to deblurring models; {spec.name} is a {spec.task.label} model")
         for k in kernels:
             if not 1 <= int(k) <= 5:
                 raise ValueError(f"--kernel must be one of 1..5 (the paper's kernels), got {k}")
@@ -141,12 +141,10 @@ def paper_value(protocol: Any, dataset: str, kernel: Optional[int] = None) -> Op
 
 def get_model_spec(name: str) -> Any:
     """The registry's spec of model ``name`` (ValueError listing the known names otherwise)."""
-    from converse_jax import models
-
-    names = list(models.list_models())
+    names = list_models()
     if name not in names:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(names)}")
-    return models.get_spec(name)
+    return get_spec(name)
 
 
 def load_model(name: str, weights: Optional[Union[str, Path]] = None) -> tuple[Any, Any]:
@@ -156,8 +154,6 @@ def load_model(name: str, weights: Optional[Union[str, Path]] = None) -> tuple[A
     (``weights/<release file>``) if present, else :func:`converse_jax.load_pretrained`'s cache
     (which downloads the release on first use).
     """
-    from converse_jax.weights import load_pretrained
-
     spec = get_model_spec(name)
     path: Optional[Path] = None
     if weights is not None:
@@ -170,101 +166,38 @@ def load_model(name: str, weights: Optional[Union[str, Path]] = None) -> tuple[A
 
 
 # ----------------------------------------------------------------------------------------
-# Degrading a ground truth as the reference does
-
-
-def make_pair(hr: np.ndarray, protocol: Any, task: str,
-              kernel: Optional[np.ndarray] = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(ground truth uint8 after modcrop, network input float32) for one test image.
-
-    - ``denoise``: input = gt / 255 + N(0, sigma / 255), seeded with ``seed`` per image;
-    - ``sr``: input = MATLAB bicubic downscale of gt / 255 by ``1 / protocol.scale``;
-    - ``deblur`` / ``deblur_nonblind``: input = circular blur of the uint8 gt (kept uint8)
-      / 255 + N(0, blur_noise / 255), seeded with ``seed`` per image.
-    """
-    hr = np.asarray(hr)
-    if hr.dtype != np.uint8 or hr.ndim != 3:
-        raise ValueError(f"make_pair expects a uint8 (H, W, C) image, got {hr.dtype} {hr.shape}")
-    if task == "denoise":
-        gt = D.modcrop(hr, max(1, protocol.modcrop))
-        return gt, D.add_noise(D.to_float(gt), protocol.sigma, rng=seed)
-    if task == "sr":
-        scale = int(protocol.scale)
-        crop = max(1, protocol.modcrop)
-        if crop % scale:
-            crop = crop * scale // math.gcd(crop, scale)
-        gt = D.modcrop(hr, crop)
-        return gt, D.imresize(D.to_float(gt), 1.0 / scale)
-    if task in KERNEL_TASKS:
-        if kernel is None:
-            raise ValueError("deblurring needs a blur kernel")
-        gt = D.modcrop(hr, max(1, protocol.modcrop))
-        blurred = D.blur(gt, kernel)
-        return gt, D.add_noise(D.to_float(blurred), protocol.blur_noise, rng=seed)
-    raise ValueError(f"unknown task {task!r}")
-
-
-# ----------------------------------------------------------------------------------------
 # Running a model
-
-
-def dihedral(x: np.ndarray, mode: int) -> np.ndarray:
-    """One of the 8 flip/rotate transforms of the two leading spatial axes of ``x``.
-
-    ``mode`` = 4 * flip + k: rotate by k * 90 degrees, then flip vertically if ``flip``.
-    """
-    x = np.rot90(x, mode % 4, axes=(0, 1))
-    return np.flip(x, axis=0) if mode >= 4 else x
-
-
-def dihedral_inverse(x: np.ndarray, mode: int) -> np.ndarray:
-    """The inverse of :func:`dihedral` with the same ``mode``."""
-    if mode >= 4:
-        x = np.flip(x, axis=0)
-    return np.rot90(x, -(mode % 4), axes=(0, 1))
 
 
 class Restorer:
     """A model's forward pass on single images, compiled once per input shape.
 
-    ``restorer(x)``: x float32 (H, W, C) in [0, 1] -> float32 (H*s, W*s, C_out), not clipped.
-    ``kernel`` (kh, kw) and ``sf`` are passed to non-blind models (``model(x, kernel, sf=sf)``).
-    ``x8=True`` averages the outputs of the 8 flipped/rotated copies of the input (kernel
-    transformed alike), each mapped back. The model's current weights are read at every
-    call, so a training loop can keep one Restorer (and its compilations) across updates.
+    ``task`` (the model's ``spec.task``) says how the network is called; None means on the
+    image alone, ``model(x)``. ``restorer(x)``: x float32 (H, W, C) in [0, 1] -> float32
+    (H*s, W*s, C_out), not clipped. ``kernel`` (kh, kw) and ``sf`` go to networks that take a
+    kernel (``model(x, kernel, sf=sf)``). ``x8=True`` averages the outputs of the 8
+    flipped/rotated copies of the input (kernel transformed alike), each mapped back. The
+    model's current weights are read at every call, so a training loop can keep one Restorer
+    (and its compilations) across updates.
     """
 
-    def __init__(self, model: Any, takes_kernel: bool = False) -> None:
-        import jax
-        from flax import nnx
-
-        self.takes_kernel = bool(takes_kernel)
+    def __init__(self, model: Any, task: Optional[Task] = None) -> None:
+        if task is not None and not isinstance(task, Task):
+            raise ValueError(f"Restorer's task must be a converse_jax.tasks.Task (the model's spec.task), got {task!r}")
         self.model = model
-        graphdef, _ = nnx.split(model)
-
-        def forward(state: Any, x: Any, kernel: Any, sf: int) -> Any:
-            net = nnx.merge(graphdef, state)
-            if kernel is None:
-                return net(x)
-            return net(x, kernel, sf=sf)
-
-        self._forward = jax.jit(forward, static_argnames=("sf",))
+        self.task = task if task is not None else DENOISE  # any task whose network takes the image alone
+        self._forward = jit_forward(self.task, model)
 
     def _run(self, x: np.ndarray, kernel: Optional[np.ndarray], sf: int) -> np.ndarray:
-        import jax.numpy as jnp
-        from flax import nnx
-
-        state = nnx.state(self.model)  # current weights: a training loop may reuse this object
-
-        batch = jnp.asarray(np.ascontiguousarray(x[None], dtype=np.float32))
-        if self.takes_kernel:
+        batch = {"input": np.ascontiguousarray(x[None], dtype=np.float32)}
+        if self.task.takes_kernel:
             if kernel is None:
-                raise ValueError("this model needs a blur kernel")
-            k = jnp.asarray(np.ascontiguousarray(kernel[None], dtype=np.float32))
-            out = self._forward(state, batch, k, sf=int(sf))
-        else:
-            out = self._forward(state, batch, None, sf=1)
-        return np.asarray(out[0])
+                raise ValueError(f"this {self.task.label} model needs a blur kernel")
+            batch["kernel"] = np.ascontiguousarray(kernel[None], dtype=np.float32)
+        elif kernel is not None:
+            raise ValueError(f"this {self.task.label} model does not take a blur kernel")
+        # current weights: a training loop may reuse this object
+        return np.asarray(self._forward(nnx.state(self.model), batch, sf=int(sf))[0])
 
     def __call__(self, x: np.ndarray, kernel: Optional[np.ndarray] = None, sf: int = 1,
                  x8: bool = False) -> np.ndarray:
@@ -275,8 +208,8 @@ class Restorer:
             return self._run(x, kernel, sf)
         acc = None
         for mode in range(8):
-            kt = None if kernel is None else dihedral(np.asarray(kernel), mode)
-            out = dihedral_inverse(self._run(dihedral(x, mode), kt, sf), mode)
+            kt = None if kernel is None else D.dihedral(np.asarray(kernel), mode)
+            out = D.dihedral_inverse(self._run(D.dihedral(x, mode), kt, sf), mode)
             acc = out.astype(np.float32) if acc is None else acc + out
         return acc / np.float32(8.0)
 
@@ -331,7 +264,7 @@ class RunResult:
 class EvalReport:
     model: str
     dataset: str
-    task: str
+    task: Task
     protocol: Any
     runs: list[RunResult]
     x8: bool = False
@@ -344,7 +277,7 @@ class EvalReport:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"model": self.model, "dataset": self.dataset, "protocol": self.protocol_dict()}
-        if self.task in KERNEL_TASKS:
+        if self.task.uses_kernels:
             d["kernels"] = [r.to_dict() for r in self.runs]
         else:
             d.update(self.runs[0].to_dict())
@@ -357,7 +290,7 @@ class EvalReport:
     def format_table(self) -> str:
         """Per-image rows and the average, with the paper's number where it has one."""
         lines = []
-        what = {"denoise": f"sigma {self.protocol.sigma:g}", "sr": f"x{self.protocol.scale}"}.get(self.task, "")
+        what = self.task.protocol_label(self.protocol)
         head = f"{self.model} on {self.dataset}" + (f" ({what})" if what else "") + (", x8 ensemble" if self.x8 else "")
         lines.append(head)
         for run in self.runs:
@@ -394,10 +327,6 @@ def _fmt(col: str, v: float) -> str:
 # The evaluation loop
 
 
-def _takes_kernel(spec: Any) -> bool:
-    return spec.task == "deblur_nonblind"
-
-
 def load_test_images(folder: Union[str, Path], color: str) -> list[tuple[str, np.ndarray]]:
     """All images of ``folder`` as (file name, uint8 (H, W, C)), read up front.
 
@@ -418,8 +347,6 @@ def evaluate(model: Any, spec: Any, images: Union[str, Path, Sequence[tuple[str,
     colour mode. Deblurring models run every kernel of ``protocol.kernels``. Restored images
     go to ``save_dir`` (``<stem>.png``, or ``<stem>_k<N>.png`` for deblurring) when given.
     """
-    from tqdm.auto import tqdm
-
     protocol = protocol if protocol is not None else spec.protocol
     dataset = dataset or protocol.dataset
     if isinstance(images, (str, Path)):
@@ -427,52 +354,68 @@ def evaluate(model: Any, spec: Any, images: Union[str, Path, Sequence[tuple[str,
     images = list(images)
     if not images:
         raise ValueError("no test images given")
-    restorer = restorer or Restorer(model, takes_kernel=_takes_kernel(spec))
+    restorer = restorer or Restorer(model, spec.task)
     save_path = Path(save_dir) if save_dir is not None else None
     if save_path is not None:
         save_path.mkdir(parents=True, exist_ok=True)
-    border = int(protocol.border)
-    want_y = protocol.color == "rgb"
-
-    kernel_ids: list[Optional[int]]
-    if spec.task in KERNEL_TASKS:
-        kernel_ids = list(protocol.kernels) or [1, 2, 3, 4, 5]
-    else:
-        kernel_ids = [None]
-
+    kernel_ids: list[Optional[int]] = (list(protocol.kernels) or [1, 2, 3, 4, 5]) if spec.task.uses_kernels else [None]
     runs = []
     for kid in kernel_ids:
-        kernel = D.paper_kernel(kid) if kid is not None else None
-        results = []
         desc = f"{spec.name} {dataset}" + (f" k{kid}" if kid is not None else "")
         bar = tqdm(images, desc=desc, unit="img", disable=not progress, leave=False)
+        results = []
         for name, hr in bar:
-            gt, lq = make_pair(hr, protocol, spec.task, kernel)
-            out = restorer(lq, kernel if restorer.takes_kernel else None, sf=1, x8=x8)
-            if out.shape[:2] != gt.shape[:2]:
-                raise ValueError(f"{name}: model output is {out.shape[0]}x{out.shape[1]}, expected "
-                                 f"{gt.shape[0]}x{gt.shape[1]}; does the model match the protocol?")
-            if out.shape[-1] != gt.shape[-1]:
-                raise ValueError(f"{name}: model outputs {out.shape[-1]} channels, the ground truth has "
-                                 f"{gt.shape[-1]}")
-            restored = D.to_uint8(out)
-            m = M.image_metrics(restored, gt, border=border, y_channel=want_y)
-            res = ImageResult(name, m["psnr"], m["ssim"], m.get("psnr_y"), m.get("ssim_y"))
+            res = _score_image(restorer, spec.task, protocol, name, hr, kid, x8, save_path)
             results.append(res)
             if progress:
                 bar.set_postfix(psnr=f"{res.psnr:.2f}")
             if on_image is not None:
                 on_image(res)
-            if save_path is not None:
-                stem = Path(name).stem + (f"_k{kid}" if kid is not None else "")
-                write_image(save_path / f"{stem}.png", restored)
         bar.close()
         runs.append(RunResult(results, kernel=kid, paper=paper_value(protocol, dataset, kid)))
     return EvalReport(spec.name, dataset, spec.task, protocol, runs, x8=x8)
 
 
+def _score_image(restorer: Restorer, task: Task, protocol: Any, name: str, hr: np.ndarray, kid: Optional[int],
+                 x8: bool, save_path: Optional[Path]) -> ImageResult:
+    """Degrade one ground truth (with paper kernel ``kid``), restore it, score it, save it."""
+    kernel = D.paper_kernel(kid) if kid is not None else None
+    gt, lq = task.protocol_pair(hr, protocol, kernel)
+    out = restorer(lq, kernel if task.takes_kernel else None, sf=1, x8=x8)
+    if out.shape[:2] != gt.shape[:2]:
+        raise ValueError(f"{name}: model output is {out.shape[0]}x{out.shape[1]}, expected "
+                         f"{gt.shape[0]}x{gt.shape[1]}; does the model match the protocol?")
+    if out.shape[-1] != gt.shape[-1]:
+        raise ValueError(f"{name}: model outputs {out.shape[-1]} channels, the ground truth has {gt.shape[-1]}")
+    restored = D.to_uint8(out)
+    m = task.score(restored, gt, protocol)
+    if save_path is not None:
+        stem = Path(name).stem + (f"_k{kid}" if kid is not None else "")
+        write_image(save_path / f"{stem}.png", restored)
+    return ImageResult(name, m["psnr"], m["ssim"], m.get("psnr_y"), m.get("ssim_y"))
+
+
 # ----------------------------------------------------------------------------------------
 # Restoring a user's image
+
+
+def check_restore_options(spec: Any, has_kernel: bool, sf: int) -> None:
+    """Whether a blur kernel and scale factor ``sf`` fit the model of ``spec``; ValueError if not.
+
+    Networks that take a kernel (non-blind) need one and accept ``sf >= 1``; the others take
+    neither. The restore command line calls this before loading anything.
+    """
+    if spec.task.takes_kernel:
+        if not has_kernel:
+            raise ValueError(f"model {spec.name} does {spec.task.label}: pass a blur kernel (--kernel=FILE, "
+                             ".npy or image)")
+        if sf < 1:
+            raise ValueError(f"--sf must be >= 1, got {sf}")
+        return
+    if has_kernel:
+        raise ValueError(f"model {spec.name} does not take a blur kernel; drop --kernel")
+    if sf != 1:
+        raise ValueError(f"--sf applies to non-blind models only; {spec.name} has a fixed scale {spec.scale}")
 
 
 def restore_array(restorer: Restorer, spec: Any, img: np.ndarray, *,
@@ -481,21 +424,15 @@ def restore_array(restorer: Restorer, spec: Any, img: np.ndarray, *,
 
     The output keeps the input's mode: a gray model restores each channel of an RGB image
     separately; an RGB model sees a gray image as three equal channels and returns their
-    mean. Non-blind models need ``kernel`` (normalised to sum 1 here); ``sf`` is their scale.
+    mean. Non-blind models need ``kernel`` (normalised to sum 1 here); ``sf`` is their scale
+    (see :func:`check_restore_options`).
     """
     img = np.asarray(img)
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] not in (1, 3):
         raise ValueError(f"restore expects a uint8 gray or RGB image, got {img.dtype} {img.shape}")
-    if _takes_kernel(spec):
-        if kernel is None:
-            raise ValueError(f"model {spec.name} is non-blind: pass a blur kernel (--kernel=FILE, "
-                             ".npy or image)")
+    check_restore_options(spec, kernel is not None, sf)
+    if kernel is not None:
         kernel = D.normalize_kernel(kernel)
-    elif kernel is not None:
-        raise ValueError(f"model {spec.name} does not take a blur kernel; drop --kernel")
-    if sf != 1 and not _takes_kernel(spec):
-        raise ValueError(f"--sf applies to non-blind models only; {spec.name} has a fixed scale "
-                         f"{spec.scale}")
     x = D.to_float(img)
     channels = int(spec.in_channels)
     if channels == 1 and x.shape[-1] == 3:
@@ -507,4 +444,3 @@ def restore_array(restorer: Restorer, spec: Any, img: np.ndarray, *,
     else:
         raise ValueError(f"model {spec.name} takes {channels}-channel images")
     return D.to_uint8(out)
-

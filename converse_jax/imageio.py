@@ -1,8 +1,9 @@
-"""Reading and writing 8-bit images (gray or RGB) with one-line errors.
+"""Reading and writing 8-bit images (gray or RGB) and blur kernels, with one-line errors.
 
 Images are returned as uint8 arrays (H, W, C) with C = 1 (gray) or 3 (RGB). Files are
 written atomically (temporary file in the same folder, then rename), so a failure never
-leaves a half-written image in place of a user's file.
+leaves a half-written image in place of a user's file. This module sits above
+:mod:`converse_jax.degradations` (quantisation, kernel normalisation), which never imports it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Literal, Optional, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageError", "list_images", "read_image", "write_image"]
+from converse_jax.degradations import normalize_kernel, to_uint8
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageError", "list_images", "read_image", "read_kernel", "write_image"]
 
 PathLike = Union[str, os.PathLike]
 Color = Literal["gray", "rgb", "any"]
@@ -109,8 +112,6 @@ def write_image(path: PathLike, img: np.ndarray) -> Path:
 
     Float images in [0, 1] are quantised (clip, x255, round). Returns the path written.
     """
-    from converse_jax.degradations import to_uint8
-
     path = Path(path)
     arr = np.asarray(img)
     if np.issubdtype(arr.dtype, np.floating):
@@ -160,3 +161,24 @@ def list_images(folder: PathLike, extensions: Optional[tuple[str, ...]] = None) 
     if not files:
         raise ImageError(f"{folder}: no image files ({', '.join(exts)}) found in this directory")
     return files
+
+
+def read_kernel(path: PathLike) -> np.ndarray:
+    """Read a blur kernel from a ``.npy`` file or a grayscale image; float64, normalised to sum 1.
+
+    Raises ValueError (:class:`ImageError` for an unreadable image) naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"kernel file {path} does not exist")
+    if path.suffix.lower() == ".npy":
+        try:
+            k = np.load(path, allow_pickle=False)
+        except Exception as exc:  # noqa: BLE001 - reported as one line
+            raise ValueError(f"cannot read kernel {path} as a .npy array ({exc})") from None
+    else:
+        k = read_image(path, color="gray")[..., 0].astype(np.float64)
+    try:
+        return normalize_kernel(k)
+    except ValueError as exc:
+        raise ValueError(f"kernel {path}: {exc}") from None

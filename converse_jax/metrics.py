@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from converse_jax.degradations import to_uint8
+
 __all__ = ["psnr", "ssim", "rgb_to_y", "image_metrics", "as_uint8"]
 
 _Y_WEIGHTS = [65.481, 128.553, 24.966]
@@ -32,8 +34,6 @@ def as_uint8(img: np.ndarray) -> np.ndarray:
     if img.dtype == np.uint8:
         return img
     if np.issubdtype(img.dtype, np.floating):
-        from converse_jax.degradations import to_uint8
-
         return to_uint8(img)
     raise ValueError(f"metrics expect uint8 images (or float in [0, 1]), got dtype {img.dtype}")
 

@@ -28,6 +28,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
+from flax import nnx
+
+from converse_jax import evaluation as E
+from converse_jax.fileio import write_json_atomic
+from converse_jax.models import count_params, create, get_spec, list_models
+from converse_jax.train import (IncompatibleWorkdirError, NonFiniteLossError, TrainConfigError, TrainDataError,
+                                config_from_spec, parse_int_list, parse_model_kwargs, parse_range, train)
+from converse_jax.weights import assign_weights, load_weights
 from experiments._cli import one_line
 
 PROG = "python -m experiments.compare"
@@ -73,8 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_models(text: str) -> list[str]:
     """``"a,b"`` -> ``["a", "b"]``: known registry names, no duplicates, one task and scale."""
-    from converse_jax.models import get_spec, list_models
-
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise CompareError("--models needs at least one model name")
@@ -85,7 +91,7 @@ def parse_models(text: str) -> list[str]:
         raise CompareError(f"--models lists a model twice: {text}")
     tasks = {(get_spec(n).task, get_spec(n).scale, get_spec(n).in_channels) for n in names}
     if len(tasks) > 1:
-        what = ", ".join(f"{n} ({get_spec(n).task}, x{get_spec(n).scale})" for n in names)
+        what = ", ".join(f"{n} ({get_spec(n).task.name}, x{get_spec(n).scale})" for n in names)
         raise CompareError(f"the models must share the task, scale and channels to train on the same data: {what}")
     return names
 
@@ -109,8 +115,6 @@ def parse_test_sets(text: Optional[str], default: str) -> list[tuple[str, Option
 def build_configs(models: Sequence[str], args: argparse.Namespace, out: Path) -> list[Any]:
     """One :class:`~converse_jax.train.TrainConfig` per model: the first model's recipe with the
     command line's overrides, identical except for the model name and the workdir."""
-    from converse_jax.train import config_from_spec, parse_int_list, parse_model_kwargs, parse_range
-
     over: dict[str, Any] = {}
     for name in ("steps", "batch_size", "patch_size", "lr", "loss", "data", "val_data", "val_count", "val_size",
                  "eval_every", "seed"):
@@ -137,10 +141,6 @@ def build_configs(models: Sequence[str], args: argparse.Namespace, out: Path) ->
 def check_architectures(configs: Sequence[Any]) -> dict[str, int]:
     """Parameter count of each model with the configs' ``model_kwargs`` (abstract init, nothing computed);
     an override a constructor does not take is a :class:`CompareError` naming the model."""
-    from flax import nnx
-
-    from converse_jax.models import count_params, create
-
     counts = {}
     for cfg in configs:
         try:
@@ -178,11 +178,6 @@ def read_val_curve(workdir: Path) -> tuple[list[tuple[int, float]], Optional[flo
 def load_trained(name: str, checkpoint: Path, model_kwargs: dict[str, Any]) -> Any:
     """The model ``name`` built with ``model_kwargs`` and the weights of a training checkpoint
     (evaluation mode)."""
-    from flax import nnx
-
-    from converse_jax.models import create
-    from converse_jax.weights import assign_weights, load_weights
-
     model = create(name, rngs=nnx.Rngs(0), **model_kwargs)
     with warnings.catch_warnings():  # orbax: "Sharding info not provided when restoring" (host arrays wanted)
         warnings.filterwarnings("ignore", message="Sharding info not provided")
@@ -194,8 +189,6 @@ def load_trained(name: str, checkpoint: Path, model_kwargs: dict[str, Any]) -> A
 def evaluate_model(model: Any, spec: Any, test_sets: Sequence[tuple[str, Any]]) -> dict[str, Any]:
     """``{column: PSNR}`` on every test set (``"set5 k1"``... per kernel for deblurring); the PSNR the
     paper's table reports (Y channel for SR)."""
-    from converse_jax import evaluation as E
-
     out: dict[str, Any] = {}
     for name, images in test_sets:
         protocol = E.resolve_protocol(spec, dataset=name)
@@ -254,7 +247,11 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 def plot_curves(summary: dict[str, Any], path: Path) -> None:
-    """Validation PSNR against steps, one line per model (PNG)."""
+    """Validation PSNR against steps, one line per model (PNG).
+
+    matplotlib is imported here, not at module top: selecting its Agg backend is a process-wide
+    side effect that importing this module should not have.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -291,11 +288,6 @@ def run_comparison(configs: Sequence[Any], test_sets: Sequence[tuple[str, Option
     written to ``compare.json``; ``summary["interrupted"]`` is true when a signal stopped training
     (nothing is evaluated then; rerun to resume).
     """
-    from converse_jax import evaluation as E
-    from converse_jax.models import get_spec
-    from converse_jax.train import NonFiniteLossError, train
-    from converse_jax.fileio import write_json_atomic
-
     counts = check_architectures(configs)
     spec0 = get_spec(configs[0].model)
     loaded = []  # all test images read before any training
@@ -308,7 +300,7 @@ def run_comparison(configs: Sequence[Any], test_sets: Sequence[tuple[str, Option
     out.mkdir(parents=True, exist_ok=True)
     s = configs[0]
     summary: dict[str, Any] = {
-        "task": spec0.task, "metric": "psnr_y" if spec0.protocol.metric == "y" else "psnr",
+        "task": spec0.task.name, "metric": "psnr_y" if spec0.protocol.metric == "y" else "psnr",
         "settings": {k: v for k, v in s.to_json().items() if k not in ("model", "workdir", "init_from")},
         "test_sets": [n for n, _ in test_sets], "models": [], "val_psnr_input": None, "interrupted": False,
     }
@@ -353,15 +345,11 @@ def run_comparison(configs: Sequence[Any], test_sets: Sequence[tuple[str, Option
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     err = sys.stderr
-    from converse_jax.train import IncompatibleWorkdirError, TrainConfigError, TrainDataError
-
     try:
         models = parse_models(args.models)
         out = Path(args.out).expanduser().absolute()
         if out.exists() and not out.is_dir():
             raise CompareError(f"--out {out} exists and is not a folder")
-        from converse_jax.models import get_spec
-
         test_sets = parse_test_sets(args.test_sets, get_spec(models[0]).protocol.dataset)
         configs = build_configs(models, args, out)
         summary = run_comparison(configs, test_sets, out, progress=not args.no_progress)

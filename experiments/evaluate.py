@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from converse_jax import evaluation as E
 from converse_jax.evaluation import DATASETS
+from converse_jax.fileio import write_json_atomic
 from experiments._cli import run_main
 
 
@@ -35,9 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from converse_jax.fileio import write_json_atomic
-    from converse_jax import evaluation as E
-
     spec = E.get_model_spec(args.model)
     if args.dataset is not None and args.dataset.lower() not in DATASETS:
         raise ValueError(f"unknown dataset {args.dataset!r}: choose one of {', '.join(DATASETS)}, or omit "

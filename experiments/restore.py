@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from converse_jax.imageio import ImageError
+from converse_jax import evaluation as E
+from converse_jax.imageio import ImageError, list_images, read_image, read_kernel, write_image
 from experiments._cli import one_line, run_main
 
 
@@ -39,8 +40,6 @@ def plan(inp: Path, out: Path, out_is_dir: bool = False) -> list[tuple[Path, Pat
 
     ``out_is_dir``: the user wrote the output with a trailing slash (a folder to create).
     """
-    from converse_jax.imageio import list_images
-
     if not inp.exists():
         raise ValueError(f"--input {inp} does not exist")
     if inp.is_dir():
@@ -66,23 +65,9 @@ def plan(inp: Path, out: Path, out_is_dir: bool = False) -> list[tuple[Path, Pat
 
 
 def run(args: argparse.Namespace) -> int:
-    from converse_jax import evaluation as E
-    from converse_jax.degradations import load_kernel
-    from converse_jax.imageio import read_image, write_image
-
     spec = E.get_model_spec(args.model)
-    kernel = None
-    if spec.task == "deblur_nonblind":
-        if args.kernel is None:
-            raise ValueError(f"model {args.model} is non-blind: pass --kernel=FILE (.npy or image of the blur)")
-        kernel = load_kernel(args.kernel)
-        if args.sf < 1:
-            raise ValueError(f"--sf must be >= 1, got {args.sf}")
-    else:
-        if args.kernel is not None:
-            raise ValueError(f"model {args.model} does not take a blur kernel: drop --kernel")
-        if args.sf != 1:
-            raise ValueError(f"--sf applies to non-blind models only; {args.model} has a fixed scale {spec.scale}")
+    E.check_restore_options(spec, args.kernel is not None, args.sf)  # before anything slow
+    kernel = read_kernel(args.kernel) if args.kernel is not None else None
     out_is_dir = args.output.endswith(("/", os.sep))
     pairs = plan(Path(args.input).expanduser(), Path(args.output).expanduser(), out_is_dir)
     out_dir = pairs[0][1].parent
@@ -92,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise ValueError(f"--output folder {out_dir} does not exist; create it first")
     model, spec = E.load_model(args.model, args.weights)
-    restorer = E.Restorer(model, takes_kernel=spec.task == "deblur_nonblind")
+    restorer = E.Restorer(model, spec.task)
     failed = 0
     for src, dst in pairs:
         try:

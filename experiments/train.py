@@ -36,10 +36,9 @@ def _recipes_epilog() -> str:
     lines = ["Defaults per model (the paper publishes no training recipe; PAPER.md §6 practice, "
              "see experiments/configs/<model>.py):"]
     for name in list_models():
-        r = get_spec(name).recipe
-        extra = f", sigma {r.sigma[0]:g}" if get_spec(name).task == "denoise" else \
-            (f", blur noise {r.blur_noise[0]:g}-{r.blur_noise[1]:g}" if get_spec(name).task.startswith("deblur")
-             else "")
+        spec = get_spec(name)
+        r, noise = spec.recipe, spec.task.recipe_noise(spec.recipe)
+        extra = f", {noise}" if noise else ""
         lines.append(f"  {name}: {r.steps} steps, batch {r.batch_size}, patch {r.patch_size}, Adam {r.lr:g} "
                      f"halved at {','.join(map(str, r.lr_milestones)) or 'never'}, {r.loss}{extra}.")
         lines.append(f"    source: {r.source}")

@@ -15,6 +15,7 @@ from converse_jax.models import baselines as B
 from converse_jax.nn.conv import (DepthwiseConv, DepthwiseConvTranspose, circular_conv_per_sample, conv2d,
                                   nearest_upsample, pixel_shuffle)
 from converse_jax.ops import p2o
+from converse_jax.tasks import SR, Task
 from conftest import require_asset
 
 BASELINES = ["dncnn_k5", "dncnn_original", "dncnn_conv", "dncnn_convt", "msrresnet", "msrresnet_converse_up",
@@ -26,7 +27,7 @@ SR_X2 = dict(features=8, num_blocks=0, upscale=2)  # still two blocks (upsamplin
 
 def _tiny(name):
     task = M.get_spec(name).task
-    return ONE_ITERATION if task.startswith("deblur") else SR_X2 if task == "sr" else TINY
+    return ONE_ITERATION if task.uses_kernels else SR_X2 if task == SR else TINY
 
 
 def _count(name, **overrides):
@@ -69,7 +70,8 @@ def test_baselines_registered_like_their_originals():
     for name, like in [("dncnn_conv", "dncnn"), ("msrresnet", "srresnet"), ("convnet", "conversenet"),
                        ("usrnet_conv", "usrnet")]:
         spec, base = M.get_spec(name), M.get_spec(like)
-        assert spec.task == base.task and spec.recipe == base.recipe
+        assert isinstance(spec.task, Task) and spec.task is base.task and spec.recipe == base.recipe
+        assert (spec.in_channels, spec.out_channels, spec.scale) == (base.in_channels, base.out_channels, base.scale)
         assert spec.release is None and spec.torch_key_to_path is None
         assert spec.protocol.dataset == base.protocol.dataset and spec.protocol.border == base.protocol.border
     assert M.get_spec("dncnn_original").protocol.paper == {"set12": 30.43, "bsd68": 29.23}
@@ -204,13 +206,13 @@ def test_conv_usrnet_data_step():
 def _batch(spec, rng, scale):
     """A tiny training batch ``{"input", "target"[, "kernel"]}`` for the spec's task."""
     c = spec.in_channels
-    if spec.task == "sr":
+    if spec.task == SR:
         hr = rng.random((2, 16, 16, c)).astype(np.float32)
         lr = hr.reshape(2, 16 // scale, scale, 16 // scale, scale, c).mean(axis=(2, 4))
         return {"input": lr, "target": hr}
     clean = rng.random((2, 16, 16, c)).astype(np.float32)
     batch = {"input": clean + 0.1 * rng.normal(size=clean.shape).astype(np.float32), "target": clean}
-    if spec.task == "deblur_nonblind":
+    if spec.task.takes_kernel:
         kern = np.zeros((2, 7, 7), np.float32)
         kern[:, 3, 3] = 1.0
         batch["kernel"] = kern
@@ -248,12 +250,12 @@ def test_train_step_and_evaluate(name, tmp_path):
 
     trained = codec.merge(state["params"], state["extra"])  # evaluation mode
     protocol = spec.protocol
-    if spec.task in E.KERNEL_TASKS:
+    if spec.task.uses_kernels:
         require_asset("blur_kernels", "kernel_1.npy")
         protocol = E.resolve_protocol(spec, kernels=[1])
-    if spec.task == "sr":
+    if spec.task == SR:
         protocol = dataclasses.replace(protocol, scale=scale)
-    size = 16 if spec.task != "sr" else 24
+    size = 16 if spec.task != SR else 24
     channels = 1 if protocol.color == "gray" else 3
     gt = (np.random.default_rng(7).random((size, size, channels)) * 255).astype(np.uint8)
     report = E.evaluate(trained, spec, [("tiny.png", gt)], protocol=protocol, progress=False, save_dir=tmp_path)

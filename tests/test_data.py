@@ -1,4 +1,4 @@
-"""Tests of converse_jax.data: sources, kernels, degradations, determinism of the loaders."""
+"""Tests of converse_jax.data: sources, the tasks' degradations in batches, determinism of the loaders."""
 
 from __future__ import annotations
 
@@ -9,19 +9,16 @@ import pytest
 from PIL import Image
 
 from converse_jax.data import (
-    TASKS,
     EmbeddedSource,
     FolderSource,
     TfdsSource,
-    circular_blur,
     dead_leaves,
     make_train_loader,
     make_val_set,
     parse_source,
-    random_gaussian_kernel,
-    random_kernel,
-    random_motion_kernel,
 )
+from converse_jax.degradations import blur
+from converse_jax.tasks import SR, TASKS
 
 
 def take(it, n):
@@ -81,45 +78,6 @@ def test_dead_leaves_bad_arguments():
         dead_leaves(16, seed=0, channels=2)
     with pytest.raises(ValueError, match="size"):
         dead_leaves(0, seed=0)
-
-
-# ---------------------------------------------------------------------------- kernels
-
-
-@pytest.mark.parametrize("fn", [random_gaussian_kernel, random_motion_kernel, random_kernel])
-def test_kernels_are_normalised(fn):
-    rng = np.random.default_rng(1)
-    for _ in range(20):
-        k = fn(rng, 7)
-        assert k.shape == (7, 7) and k.dtype == np.float32
-        assert k.min() >= 0.0
-        assert abs(float(k.sum()) - 1.0) < 1e-5
-        assert k.max() < 1.0  # a real blur, not a delta
-
-
-def test_gaussian_kernel_centred_and_anisotropic():
-    rng = np.random.default_rng(2)
-    yy, xx = np.mgrid[0:7, 0:7]
-    ratios = []
-    for _ in range(20):
-        k = random_gaussian_kernel(rng, 7).astype(np.float64)
-        assert abs((k * yy).sum() - 3) < 1e-6 and abs((k * xx).sum() - 3) < 1e-6
-        cov = np.cov(np.stack([yy.ravel(), xx.ravel()]), aweights=k.ravel())
-        ev = np.linalg.eigvalsh(cov)
-        ratios.append(ev[1] / ev[0])
-    assert max(ratios) > 2.0  # some kernels are clearly elongated
-
-
-def test_motion_kernels_vary_and_are_deterministic():
-    a = [random_motion_kernel(np.random.default_rng(s)) for s in range(5)]
-    b = [random_motion_kernel(np.random.default_rng(s)) for s in range(5)]
-    assert_batches_equal([{"k": x} for x in a], [{"k": x} for x in b])
-    assert not np.allclose(a[0], a[1])
-
-
-def test_kernel_bad_size():
-    with pytest.raises(ValueError, match="odd"):
-        random_gaussian_kernel(np.random.default_rng(0), 6)
 
 
 # ---------------------------------------------------------------------------- sources
@@ -256,13 +214,13 @@ def test_tfds_errors(monkeypatch):
 # ---------------------------------------------------------------------------- loaders
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", TASKS, ids=str)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_batch_shapes(task, channels):
     b = take(loader(task, patch_size=16, batch_size=3, channels=channels), 1)[0]
-    expected = {"input", "target"} | ({"kernel"} if task == "deblur_nonblind" else set())
+    expected = {"input", "target"} | ({"kernel"} if task.takes_kernel else set())
     assert set(b) == expected
-    h = 16 // 4 if task == "sr" else 16
+    h = 16 // 4 if task == SR else 16
     assert b["target"].shape == (3, 16, 16, channels)
     assert b["input"].shape == (3, h, h, channels)
     for v in b.values():
@@ -296,10 +254,10 @@ def test_sr_input_is_bicubic_of_target():
 def test_deblur_input_is_circular_blur_of_target():
     b = take(loader("deblur_nonblind", blur_noise=(0, 0), batch_size=3), 1)[0]
     for x, y, k in zip(b["input"], b["target"], b["kernel"]):
-        np.testing.assert_allclose(x, circular_blur(y, k), atol=1e-6)
+        np.testing.assert_allclose(x, blur(y, k), atol=1e-6)
     # circular: a shifted image blurs to the shifted blur
     y, k = b["target"][0], b["kernel"][0]
-    np.testing.assert_allclose(circular_blur(np.roll(y, 5, 0), k), np.roll(circular_blur(y, k), 5, 0), atol=1e-6)
+    np.testing.assert_allclose(blur(np.roll(y, 5, 0), k), np.roll(blur(y, k), 5, 0), atol=1e-6)
     b = take(loader("deblur", blur_noise=(2.55, 2.55), batch_size=4, patch_size=24), 1)[0]
     assert "kernel" not in b
     # blind batches still use varied kernels: residual noise is small but present
@@ -367,16 +325,16 @@ def test_loader_bad_arguments(kw, match):
 # ---------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", TASKS, ids=str)
 def test_val_set_fixed_and_held_out(task):
     a = make_val_set(task, count=3, size=32, seed=0, channels=3)
     b = make_val_set(task, None, count=3, size=32, seed=0, channels=3)
     assert len(a) == 3
     assert_batches_equal(a, b)
-    h = 8 if task == "sr" else 32
+    h = 8 if task == SR else 32
     for s in a:
         assert s["target"].shape == (32, 32, 3) and s["input"].shape == (h, h, 3)
-        assert ("kernel" in s) == (task == "deblur_nonblind")
+        assert ("kernel" in s) == task.takes_kernel
     train = EmbeddedSource("train", size=32)
     for k, s in enumerate(a):  # held out: not the training images of the same index
         assert not np.array_equal(s["target"], train.load(k, 3))

@@ -1,4 +1,5 @@
-"""Degradations of the test protocols against the reference's exact inputs (golden/protocols.npz)."""
+"""Degradations of the test protocols against the reference's exact inputs (golden/protocols.npz), and
+the shared pieces of the training degradations (random kernels, flips, noise-level ranges)."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from converse_jax import degradations as D
-from converse_jax.imageio import read_image
+from converse_jax.degradations import random_gaussian_kernel, random_kernel, random_motion_kernel
+from converse_jax.imageio import read_image, read_kernel, write_image
 from conftest import require_asset
 
 
@@ -146,21 +148,91 @@ def test_blur_is_circular_and_keeps_dtype():
     assert D.blur((img * 255).astype(np.uint8), k).dtype == np.uint8
 
 
-def test_normalize_and_load_kernel(tmp_path):
+def test_normalize_and_read_kernel(tmp_path):
     k = np.arange(1.0, 10.0).reshape(3, 3)
     np.testing.assert_allclose(D.normalize_kernel(k).sum(), 1.0)
     np.save(tmp_path / "k.npy", k)
-    np.testing.assert_allclose(D.load_kernel(str(tmp_path / "k.npy")), k / k.sum())
-    from converse_jax.imageio import write_image
-
+    np.testing.assert_allclose(read_kernel(str(tmp_path / "k.npy")), k / k.sum())
     write_image(tmp_path / "k.png", (k * 20).astype(np.uint8))
-    np.testing.assert_allclose(D.load_kernel(str(tmp_path / "k.png")), k / k.sum())
+    np.testing.assert_allclose(read_kernel(tmp_path / "k.png"), k / k.sum())
     with pytest.raises(ValueError, match="sums to 0"):
         D.normalize_kernel(np.zeros((3, 3)))
     with pytest.raises(ValueError, match="2-D"):
         D.normalize_kernel(np.ones((2, 2, 2)))
     with pytest.raises(ValueError, match="does not exist"):
-        D.load_kernel(str(tmp_path / "missing.npy"))
+        read_kernel(str(tmp_path / "missing.npy"))
     (tmp_path / "bad.npy").write_bytes(b"not numpy")
     with pytest.raises(ValueError, match="cannot read kernel"):
-        D.load_kernel(str(tmp_path / "bad.npy"))
+        read_kernel(str(tmp_path / "bad.npy"))
+
+
+# ----------------------------------------------------------------------------------------
+# Shared pieces of the training degradations
+
+
+@pytest.mark.parametrize("fn", [random_gaussian_kernel, random_motion_kernel, random_kernel])
+def test_kernels_are_normalised(fn):
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        k = fn(rng, 7)
+        assert k.shape == (7, 7) and k.dtype == np.float32
+        assert k.min() >= 0.0
+        assert abs(float(k.sum()) - 1.0) < 1e-5
+        assert k.max() < 1.0  # a real blur, not a delta
+
+
+def test_gaussian_kernel_centred_and_anisotropic():
+    rng = np.random.default_rng(2)
+    yy, xx = np.mgrid[0:7, 0:7]
+    ratios = []
+    for _ in range(20):
+        k = random_gaussian_kernel(rng, 7).astype(np.float64)
+        assert abs((k * yy).sum() - 3) < 1e-6 and abs((k * xx).sum() - 3) < 1e-6
+        cov = np.cov(np.stack([yy.ravel(), xx.ravel()]), aweights=k.ravel())
+        ev = np.linalg.eigvalsh(cov)
+        ratios.append(ev[1] / ev[0])
+    assert max(ratios) > 2.0  # some kernels are clearly elongated
+
+
+def test_motion_kernels_vary_and_are_deterministic():
+    a = [random_motion_kernel(np.random.default_rng(s)) for s in range(5)]
+    b = [random_motion_kernel(np.random.default_rng(s)) for s in range(5)]
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert not np.allclose(a[0], a[1])
+
+
+def test_kernel_bad_size():
+    with pytest.raises(ValueError, match="odd"):
+        random_gaussian_kernel(np.random.default_rng(0), 6)
+
+
+def test_dihedral_modes_and_bad_mode():
+    x = np.arange(12.0).reshape(3, 4, 1)
+    np.testing.assert_array_equal(D.dihedral(x, 0), x)
+    np.testing.assert_array_equal(D.dihedral(x, 1), np.rot90(x))
+    np.testing.assert_array_equal(D.dihedral(x, 4), x[:, ::-1])
+    np.testing.assert_array_equal(D.dihedral(x, 6), np.rot90(x[:, ::-1], 2))
+    k = np.arange(9.0).reshape(3, 3)  # a kernel (no channel axis) transforms alike
+    np.testing.assert_array_equal(D.dihedral(k, 5), np.rot90(k[:, ::-1]))
+    for bad in (-1, 8):
+        with pytest.raises(ValueError, match="0..7"):
+            D.dihedral(x, bad)
+
+
+@pytest.mark.parametrize("value,want", [
+    (25, (25.0, 25.0)), ("25", (25.0, 25.0)), ("0,50", (0.0, 50.0)), ((0, 50), (0.0, 50.0)),
+    ([2.55], (2.55, 2.55)), (np.float32(10), (10.0, 10.0)), (" 1 , 2 ", (1.0, 2.0)),
+])
+def test_parse_level_range(value, want):
+    assert D.parse_level_range(value) == want
+
+
+@pytest.mark.parametrize("value,match", [
+    ("abc", "level or a range"), ("1,2,3", "level or a range"), ((), "level or a range"), (None, "level or a range"),
+    ("50,10", "0 <= low <= high"), (-1, "0 <= low <= high"), ("nan", "0 <= low <= high"), ("0,inf", "0 <= low"),
+])
+def test_parse_level_range_rejects(value, match):
+    with pytest.raises(ValueError, match=match) as err:
+        D.parse_level_range(value, "--blur-noise")
+    assert str(err.value).startswith("--blur-noise ")

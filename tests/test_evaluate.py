@@ -17,6 +17,7 @@ from converse_jax import evaluation as E
 from converse_jax import metrics as M
 from converse_jax.imageio import ImageError, read_image, write_image
 from converse_jax.models.spec import EvalProtocol
+from converse_jax.tasks import DEBLUR, DEBLUR_NONBLIND, DENOISE, SR
 from conftest import require_asset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,38 +54,39 @@ def _spec(task, channels, protocol, name="standin", scale=1):
     return types.SimpleNamespace(name=name, task=task, in_channels=channels, scale=scale, protocol=protocol)
 
 
-DENOISE = EvalProtocol(dataset="set12", color="gray", border=0, metric="rgb", sigma=25.0,
-                       paper={"set12": 30.70})
-DEBLUR = EvalProtocol(dataset="set5", color="rgb", border=1, metric="rgb", modcrop=8, kernels=(1, 2, 3, 4, 5),
-                      blur_noise=2.55, paper={"bsd100": [1.0, 2.0, 3.0, 4.0, 5.0]})
+DENOISE_PROTOCOL = EvalProtocol(dataset="set12", color="gray", border=0, metric="rgb", sigma=25.0,
+                                paper={"set12": 30.70})
+DEBLUR_PROTOCOL = EvalProtocol(dataset="set5", color="rgb", border=1, metric="rgb", modcrop=8,
+                               kernels=(1, 2, 3, 4, 5), blur_noise=2.55, paper={"bsd100": [1.0, 2.0, 3.0, 4.0, 5.0]})
 
 
 def test_dihedral_transforms_are_the_eight_symmetries_and_invert():
     x = np.arange(12.0).reshape(3, 4, 1)
     seen = set()
     for mode in range(8):
-        t = E.dihedral(x, mode)
-        np.testing.assert_array_equal(E.dihedral_inverse(t, mode), x)
+        t = D.dihedral(x, mode)
+        np.testing.assert_array_equal(D.dihedral_inverse(t, mode), x)
         seen.add(t.tobytes() + bytes(t.shape))
     assert len(seen) == 8
 
 
-def test_make_pair_follows_each_protocol():
+def test_protocol_pair_follows_each_protocol():
     rng = np.random.default_rng(0)
     hr = rng.integers(0, 256, (37, 42, 3), dtype=np.uint8)
-    gt, lq = E.make_pair(hr[..., :1], DENOISE, "denoise")
+    gt, lq = DENOISE.protocol_pair(hr[..., :1], DENOISE_PROTOCOL)
     np.testing.assert_array_equal(gt, hr[..., :1])
     np.testing.assert_array_equal(lq, D.add_noise(D.to_float(hr[..., :1]), 25.0, rng=0))
     sr = EvalProtocol(dataset="set5", color="rgb", border=4, metric="y", scale=4, modcrop=4)
-    gt, lq = E.make_pair(hr, sr, "sr")
+    gt, lq = SR.protocol_pair(hr, sr)
     assert gt.shape == (36, 40, 3) and lq.shape == (9, 10, 3) and lq.dtype == np.float32
     np.testing.assert_array_equal(lq, D.imresize(D.to_float(hr[:36, :40]), 0.25))
     k = D.normalize_kernel(rng.random((5, 5)))
-    gt, lq = E.make_pair(hr, DEBLUR, "deblur", k)
-    assert gt.shape == (32, 40, 3)
-    np.testing.assert_array_equal(lq, D.add_noise(D.to_float(D.blur(hr[:32, :40], k)), 2.55, rng=0))
-    with pytest.raises(ValueError, match="kernel"):
-        E.make_pair(hr, DEBLUR, "deblur")
+    for task in (DEBLUR, DEBLUR_NONBLIND):
+        gt, lq = task.protocol_pair(hr, DEBLUR_PROTOCOL, k)
+        assert gt.shape == (32, 40, 3)
+        np.testing.assert_array_equal(lq, D.add_noise(D.to_float(D.blur(hr[:32, :40], k)), 2.55, rng=0))
+        with pytest.raises(ValueError, match="kernel"):
+            task.protocol_pair(hr, DEBLUR_PROTOCOL)
 
 
 def test_x8_ensemble_transforms_the_kernel_with_the_image():
@@ -93,12 +95,12 @@ def test_x8_ensemble_transforms_the_kernel_with_the_image():
     k = rng.random((5, 5))
     k[0, :] += 3.0  # clearly asymmetric
     k /= k.sum()
-    r = E.Restorer(CircularBlur(), takes_kernel=True)
+    r = E.Restorer(CircularBlur(), DEBLUR_NONBLIND)
     plain = r(x, k)
     np.testing.assert_allclose(plain, D.blur(x.astype(np.float64), k), atol=1e-5)
     np.testing.assert_allclose(r(x, k, x8=True), plain, atol=1e-5)
     # Without transforming the kernel the ensemble would differ: the check above has teeth.
-    wrong = np.mean([E.dihedral_inverse(r(E.dihedral(x, m), k), m) for m in range(8)], axis=0)
+    wrong = np.mean([D.dihedral_inverse(r(D.dihedral(x, m), k), m) for m in range(8)], axis=0)
     assert np.abs(wrong - plain).max() > 1e-2
 
 
@@ -113,7 +115,7 @@ def test_x8_ensemble_averages_non_equivariant_outputs():
 
     x = np.zeros((4, 4, 1), np.float32)
     out = E.Restorer(AddRamp())(x, x8=True)
-    want = np.mean([E.dihedral_inverse(E.dihedral(x, m) + np.arange(4.0)[None, :, None], m)
+    want = np.mean([D.dihedral_inverse(D.dihedral(x, m) + np.arange(4.0)[None, :, None], m)
                     for m in range(8)], axis=0)
     np.testing.assert_allclose(out, want, atol=1e-6)
     assert not np.allclose(out, np.arange(4.0)[None, :, None])
@@ -122,7 +124,7 @@ def test_x8_ensemble_averages_non_equivariant_outputs():
 def test_evaluate_loop_with_identity_network(tmp_path):
     gt_img = read_image(require_asset("testsets", "Set12", "01.png"), color="gray")[:40, :48]
     images = [("a.png", gt_img), ("b.png", gt_img[::-1].copy())]
-    spec = _spec("denoise", 1, DENOISE)
+    spec = _spec(DENOISE, 1, DENOISE_PROTOCOL)
     seen = []
     report = E.evaluate(Gain(), spec, images, progress=False, save_dir=tmp_path / "out", on_image=seen.append)
     run = report.runs[0]
@@ -145,8 +147,8 @@ def test_evaluate_deblur_runs_each_kernel_and_reports_per_kernel(tmp_path):
     for k in (1, 2):
         require_asset("blur_kernels", f"kernel_{k}.npy")
     hr = read_image(require_asset("testsets", "Set5", "butterfly.bmp"), color="rgb")[:48, :40]
-    proto = dataclasses.replace(DEBLUR, kernels=(1, 2), dataset="bsd100")
-    spec = _spec("deblur_nonblind", 3, proto)
+    proto = dataclasses.replace(DEBLUR_PROTOCOL, kernels=(1, 2), dataset="bsd100")
+    spec = _spec(DEBLUR_NONBLIND, 3, proto)
     report = E.evaluate(CircularBlur(), spec, [("butterfly.bmp", hr)], protocol=proto, progress=False,
                         save_dir=tmp_path)
     d = report.to_dict()
@@ -154,7 +156,7 @@ def test_evaluate_deblur_runs_each_kernel_and_reports_per_kernel(tmp_path):
     assert [r["paper"] for r in d["kernels"]] == [1.0, 2.0]
     for entry, kid in zip(d["kernels"], (1, 2)):
         kernel = D.paper_kernel(kid)
-        gt, lq = E.make_pair(hr, proto, "deblur", kernel)
+        gt, lq = DEBLUR_NONBLIND.protocol_pair(hr, proto, kernel)
         # The stand-in blurs again with the same kernel: recompute its output independently.
         restored = D.to_uint8(D.blur(lq.astype(np.float64), kernel).astype(np.float32))
         restored_file = read_image(tmp_path / f"butterfly_k{kid}.png", color="rgb")
@@ -165,18 +167,18 @@ def test_evaluate_deblur_runs_each_kernel_and_reports_per_kernel(tmp_path):
 
 
 def test_resolve_protocol_and_dataset_dir(tmp_path):
-    spec = _spec("denoise", 1, DENOISE)
+    spec = _spec(DENOISE, 1, DENOISE_PROTOCOL)
     assert E.resolve_protocol(spec, sigma=50).sigma == 50.0
-    assert E.resolve_protocol(spec) is DENOISE
+    assert E.resolve_protocol(spec) is DENOISE_PROTOCOL
     with pytest.raises(ValueError, match="--kernel applies to deblurring"):
         E.resolve_protocol(spec, kernels=[1])
-    dspec = _spec("deblur", 3, DEBLUR)
+    dspec = _spec(DEBLUR, 3, DEBLUR_PROTOCOL)
     assert E.resolve_protocol(dspec, kernels=[3]).kernels == (3,)
     with pytest.raises(ValueError, match="1..5"):
         E.resolve_protocol(dspec, kernels=[6])
     with pytest.raises(ValueError, match="--sigma applies to denoising"):
         E.resolve_protocol(dspec, sigma=10)
-    assert E.paper_value(DEBLUR, "BSD100", 2) == 2.0 and E.paper_value(DEBLUR, "set5", 2) is None
+    assert E.paper_value(DEBLUR_PROTOCOL, "BSD100", 2) == 2.0 and E.paper_value(DEBLUR_PROTOCOL, "set5", 2) is None
     with pytest.raises(ValueError, match="not bundled: pass --data-dir"):
         E.dataset_dir("bsd68")
     with pytest.raises(ValueError, match="unknown dataset"):
@@ -187,19 +189,58 @@ def test_resolve_protocol_and_dataset_dir(tmp_path):
 def test_restore_array_handles_modes_and_kernels():
     rng = np.random.default_rng(2)
     rgb = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
-    gray_spec = _spec("denoise", 1, DENOISE)
+    gray_spec = _spec(DENOISE, 1, DENOISE_PROTOCOL)
     r = E.Restorer(Gain(1.0))
     np.testing.assert_array_equal(E.restore_array(r, gray_spec, rgb), rgb)
-    rgb_spec = _spec("deblur", 3, DEBLUR)
-    out = E.restore_array(E.Restorer(Gain(0.5)), rgb_spec, rgb[..., :1])
+    rgb_spec = _spec(DEBLUR, 3, DEBLUR_PROTOCOL)
+    out = E.restore_array(E.Restorer(Gain(0.5), DEBLUR), rgb_spec, rgb[..., :1])
     assert out.shape == (9, 11, 1)
     want = D.to_uint8(D.to_float(rgb[..., :1]) * np.float32(0.5))
     assert np.abs(out.astype(int) - want).max() <= 1  # mean of 3 channels: ties may round either way
-    nb_spec = _spec("deblur_nonblind", 3, DEBLUR)
+    nb_spec = _spec(DEBLUR_NONBLIND, 3, DEBLUR_PROTOCOL)
     with pytest.raises(ValueError, match="non-blind"):
-        E.restore_array(E.Restorer(CircularBlur(), takes_kernel=True), nb_spec, rgb)
+        E.restore_array(E.Restorer(CircularBlur(), DEBLUR_NONBLIND), nb_spec, rgb)
     with pytest.raises(ValueError, match="does not take a blur kernel"):
         E.restore_array(r, gray_spec, rgb, kernel=np.ones((3, 3)))
+
+
+def test_restore_options_are_checked_in_one_place():
+    nb_spec = _spec(DEBLUR_NONBLIND, 3, DEBLUR_PROTOCOL)
+    blind = _spec(DEBLUR, 3, DEBLUR_PROTOCOL)
+    E.check_restore_options(nb_spec, True, 2)
+    E.check_restore_options(blind, False, 1)
+    for spec, has_kernel, sf, match in [(nb_spec, False, 1, "pass a blur kernel"), (nb_spec, True, 0, "--sf must be"),
+                                        (blind, True, 1, "drop --kernel"), (blind, False, 2, "non-blind models only")]:
+        with pytest.raises(ValueError, match=match):
+            E.check_restore_options(spec, has_kernel, sf)
+        if has_kernel or sf == 2:  # restore_array runs the same checks
+            with pytest.raises(ValueError, match=match):
+                E.restore_array(E.Restorer(CircularBlur(), spec.task), spec, np.zeros((4, 4, 3), np.uint8),
+                                kernel=np.ones((3, 3)) if has_kernel else None, sf=sf)
+
+
+def test_restorer_calls_the_network_as_its_task_says():
+    x = np.full((4, 5, 3), 0.5, np.float32)
+    with pytest.raises(ValueError, match="does not take a blur kernel"):
+        E.Restorer(Gain(1.0), DEBLUR)(x, np.ones((3, 3)) / 9)
+    with pytest.raises(ValueError, match="needs a blur kernel"):
+        E.Restorer(CircularBlur(), DEBLUR_NONBLIND)(x)
+    with pytest.raises(ValueError, match="spec.task"):
+        E.Restorer(CircularBlur(), True)  # the former takes_kernel flag
+    delta = np.zeros((3, 3))
+    delta[1, 1] = 1.0
+    np.testing.assert_allclose(E.Restorer(CircularBlur(), DEBLUR_NONBLIND)(x, delta), x, atol=1e-6)
+
+
+def test_report_heading_and_layout_follow_the_task():
+    run = E.RunResult([E.ImageResult("a.png", 30.0, 0.9)], kernel=None)
+    sr = dataclasses.replace(DENOISE_PROTOCOL, scale=4)
+    assert E.EvalReport("m", "set5", SR, sr, [run]).format_table().startswith("m on set5 (x4)")
+    assert E.EvalReport("m", "set12", DENOISE, DENOISE_PROTOCOL, [run]).format_table().startswith(
+        "m on set12 (sigma 25)")
+    krun = dataclasses.replace(run, kernel=2)
+    d = E.EvalReport("m", "set5", DEBLUR, DEBLUR_PROTOCOL, [krun]).to_dict()
+    assert d["kernels"][0]["kernel"] == 2 and "per_image" not in d
 
 
 # ----------------------------------------------------------------------------------------
@@ -284,7 +325,7 @@ def test_converse_srresnet_set5_bird_matches_reference(ref_index, tmp_path):
     model, spec = _released("srresnet")
     gt = read_image(require_asset("testsets", "Set5", "bird.bmp"), color="rgb")
     protocols = np.load(require_asset("golden", "protocols.npz"))
-    _, lq = E.make_pair(gt, spec.protocol, "sr")
+    _, lq = spec.task.protocol_pair(gt, spec.protocol)
     assert np.abs(lq - protocols["sr_x4_set5_bird_lr"]).max() <= 1e-6
     report = E.evaluate(model, spec, [("bird.bmp", gt)], progress=False, save_dir=tmp_path)
     entry = ref_index["sr_x4_converse_srresnet_set5_bird.png"]
@@ -358,7 +399,7 @@ def test_evaluate_cli_bad_input(tmp_path, capsys):
 
 def test_restore_cli_bad_input(tmp_path, capsys):
     names = _registry_or_skip()
-    nonblind = [n for n in names if E.get_model_spec(n).task == "deblur_nonblind"]
+    nonblind = [n for n in names if E.get_model_spec(n).task.takes_kernel]
     img = tmp_path / "in.png"
     write_image(img, np.zeros((16, 16, 3), np.uint8))
     if nonblind:

@@ -11,14 +11,11 @@ Multi-host: batch ``i`` of the *global* stream holds samples ``i*B*S .. (i+1)*B*
 the ``B`` consecutive samples starting at ``i*B*S + shard_index*B``. Concatenating the hosts'
 batches in shard order gives the batch a single host with ``batch_size = B*S`` would see.
 
-Degradations (the targets are clean patches, all float32 in [0, 1], channels-last):
-
-- ``denoise``: additive white Gaussian noise, σ uniform in ``sigma`` (0..255 scale), not clipped;
-- ``sr``: MATLAB-style bicubic downscale by ``1/scale`` (:func:`converse_jax.degradations.imresize`)
-  of the ``patch_size`` target; input is ``patch_size // scale``, kept in float, not clipped;
-- ``deblur`` / ``deblur_nonblind``: circular convolution with a random 7×7 kernel (anisotropic
-  Gaussian or motion, half each) plus white noise with σ uniform in ``blur_noise`` (0..255);
-  ``deblur_nonblind`` batches also carry the ``kernel`` (for Converse-USRNet).
+The degradations belong to the task (:meth:`converse_jax.tasks.Task.train_sample`: noise for
+denoising, bicubic downscale for SR, random blur plus noise for deblurring, with the kernel in
+the batch for non-blind deblurring); the flips/rotations are
+:func:`converse_jax.degradations.dihedral`. Targets are clean patches, all float32 in [0, 1],
+channels-last. ``task`` arguments take a :class:`~converse_jax.tasks.Task` or its name.
 """
 
 from __future__ import annotations
@@ -26,18 +23,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, Union
 
+import grain
 import numpy as np
-from scipy import ndimage
+from absl import flags  # a dependency of grain
 
-from converse_jax.data.kernels import random_kernel
+from converse_jax import degradations as D
 from converse_jax.data.sources import EmbeddedSource, FolderSource, ImageSource, parse_source
+from converse_jax.tasks import Degradation, Task, get_task
 
-__all__ = ["TASKS", "BatchIterator", "make_train_loader", "make_val_set", "make_sample", "circular_blur"]
+__all__ = ["BatchIterator", "make_train_loader", "make_val_set", "make_sample"]
 
-TASKS = ("denoise", "sr", "deblur", "deblur_nonblind")
-KERNEL_SIZE = 7
+TaskLike = Union[Task, str]
 
 _TRAIN_STREAM = 0
 _VAL_STREAM = 1
@@ -47,71 +45,16 @@ _PERMUTE_STREAM = 2
 _MAX_PERMUTED = 1 << 22
 
 
-def circular_blur(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """Convolve each channel of ``img`` (H, W, C) with ``kernel`` (k, k), circular boundary."""
-    out = ndimage.convolve(np.asarray(img, np.float64), np.asarray(kernel, np.float64)[..., None], mode="wrap")
-    return out.astype(np.float32)
+def _check_channels(channels: Any) -> int:
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    return int(channels)
 
 
-def _range(name: str, value: float | Sequence[float]) -> tuple[float, float]:
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        lo = hi = float(value)
-    else:
-        try:
-            lo, hi = (float(v) for v in value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a number or a (low, high) pair, got {value!r}") from None
-    if not (0.0 <= lo <= hi) or not np.isfinite(hi):
-        raise ValueError(f"{name} must satisfy 0 <= low <= high (0..255 scale), got {value!r}")
-    return lo, hi
-
-
-@dataclasses.dataclass(frozen=True)
-class _Degrade:
-    """The per-task degradation settings, validated."""
-
-    task: str
-    channels: int
-    sigma: tuple[float, float]
-    blur_noise: tuple[float, float]
-    scale: int
-
-    @classmethod
-    def make(cls, task: str, channels: int, sigma: Any, blur_noise: Any, scale: int) -> "_Degrade":
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels!r}")
-        if not isinstance(scale, (int, np.integer)) or scale < 1:
-            raise ValueError(f"scale must be a positive integer, got {scale!r}")
-        return cls(task, int(channels), _range("sigma", sigma), _range("blur_noise", blur_noise), int(scale))
-
-    def apply(self, target: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {"target": target}
-        if self.task == "denoise":
-            s = rng.uniform(*self.sigma) / 255.0
-            out["input"] = (target + rng.normal(0.0, s, target.shape)).astype(np.float32)
-        elif self.task == "sr":
-            from converse_jax.degradations import imresize
-
-            lr = imresize(target, 1.0 / self.scale)
-            h, w = target.shape[0] // self.scale, target.shape[1] // self.scale
-            out["input"] = np.ascontiguousarray(lr[:h, :w], dtype=np.float32)
-        else:
-            kernel = random_kernel(rng, KERNEL_SIZE)
-            s = rng.uniform(*self.blur_noise) / 255.0
-            blurred = circular_blur(target, kernel)
-            out["input"] = (blurred + rng.normal(0.0, s, target.shape)).astype(np.float32)
-            if self.task == "deblur_nonblind":
-                out["kernel"] = kernel
-        return out
-
-
-def _augment(img: np.ndarray, mode: int) -> np.ndarray:
-    """One of the 8 flips/rotations by multiples of 90° (the dihedral group)."""
-    if mode >= 4:
-        img = img[:, ::-1]
-    return np.ascontiguousarray(np.rot90(img, mode % 4))
+def _check_multiple(task: Task, what: str, size: int, scale: int) -> None:
+    mult = task.size_multiple(scale)
+    if size % mult:
+        raise ValueError(f"for {task.label} the {what} ({size}) must be a multiple of the scale ({mult})")
 
 
 @functools.lru_cache(maxsize=2)
@@ -124,7 +67,9 @@ class _SampleMaker:
     """Builds training sample ``g`` from ``(seed, g)`` alone; picklable for worker processes."""
 
     source: Any
-    degrade: _Degrade
+    task: Task
+    settings: Degradation
+    channels: int
     patch_size: int
     seed: int
 
@@ -137,7 +82,7 @@ class _SampleMaker:
     def __call__(self, g: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, _TRAIN_STREAM, g])
         index = self.image_index(g, rng)
-        img = self.source.load(index, self.degrade.channels)
+        img = self.source.load(index, self.channels)
         p = self.patch_size
         h, w = img.shape[:2]
         if h < p or w < p:
@@ -146,8 +91,8 @@ class _SampleMaker:
                 "use a smaller patch size or remove the image"
             )
         y, x = int(rng.integers(h - p + 1)), int(rng.integers(w - p + 1))
-        patch = _augment(img[y : y + p, x : x + p], int(rng.integers(8)))
-        return self.degrade.apply(patch, rng)
+        patch = np.ascontiguousarray(D.dihedral(img[y : y + p, x : x + p], int(rng.integers(8))))
+        return self.task.train_sample(patch, rng, self.settings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,10 +148,6 @@ def _absl_flags_ready() -> None:
     do so), which fails with ``UnparsedFlagAccessError`` unless the flags were parsed (google/
     grain#1355, fixed upstream by using the default). Marking them parsed keeps every default.
     """
-    try:
-        from absl import flags
-    except ImportError:
-        return
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
@@ -218,7 +159,7 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 
 def make_train_loader(
-    task: str,
+    task: TaskLike,
     source: "str | ImageSource | None",
     *,
     patch_size: int,
@@ -236,9 +177,10 @@ def make_train_loader(
     """An endless iterator of training batches (dicts of numpy arrays), built with grain.
 
     Keys: ``"input"`` ``(B, h, w, C)`` and ``"target"`` ``(B, H, W, C)`` float32, plus
-    ``"kernel"`` ``(B, 7, 7)`` float32 (sums to 1) for ``deblur_nonblind``. ``H = W =
-    patch_size``; for ``sr`` the input is ``patch_size // scale`` (``patch_size`` must be a
-    multiple of ``scale``), otherwise the input has the target's size.
+    ``"kernel"`` ``(B, 7, 7)`` float32 (sums to 1) for tasks whose network takes the kernel
+    (``task.takes_kernel``). ``H = W = patch_size``; for super-resolution the input is
+    ``patch_size // scale`` (``patch_size`` must be a multiple of ``scale``), otherwise the input
+    has the target's size.
 
     ``source`` is a spec for :func:`parse_source` or a source object. ``batch_size`` is the
     per-host batch: with ``shard_count`` hosts the global batch is ``batch_size *
@@ -246,7 +188,8 @@ def make_train_loader(
     ``(seed, i)``: the first batch yielded is batch ``start_step``, with or without worker
     processes (``num_workers`` > 0 uses grain's ``mp_prefetch``).
     """
-    degrade = _Degrade.make(task, channels, sigma, blur_noise, scale)
+    task, channels = get_task(task), _check_channels(channels)
+    settings = Degradation.make(sigma, blur_noise, scale)
     patch_size = _check_int("patch_size", patch_size, 1)
     batch_size = _check_int("batch_size", batch_size, 1)
     seed = _check_int("seed", seed, 0)
@@ -256,8 +199,7 @@ def make_train_loader(
     shard_index = _check_int("shard_index", shard_index, 0)
     if shard_index >= shard_count:
         raise ValueError(f"shard_index must be < shard_count ({shard_count}), got {shard_index}")
-    if task == "sr" and patch_size % degrade.scale:
-        raise ValueError(f"for sr the patch size ({patch_size}) must be a multiple of the scale ({degrade.scale})")
+    _check_multiple(task, "patch size", patch_size, settings.scale)
     src = parse_source(source)
     if isinstance(src, EmbeddedSource):
         src = dataclasses.replace(src, size=patch_size)
@@ -268,10 +210,8 @@ def make_train_loader(
                     f"image file {f} is {h}x{w}, smaller than the {patch_size}-pixel training patch; "
                     "use a smaller patch size or remove the image"
                 )
-
-    import grain
-
-    maker = _BatchMaker(_SampleMaker(src, degrade, patch_size, seed), batch_size, shard_index, shard_count)
+    sample = _SampleMaker(src, task, settings, channels, patch_size, seed)
+    maker = _BatchMaker(sample, batch_size, shard_index, shard_count)
     ds = grain.MapDataset.range(start_step, sys.maxsize).map(maker)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
     if num_workers > 0:
@@ -281,7 +221,7 @@ def make_train_loader(
 
 
 def make_sample(
-    task: str,
+    task: TaskLike,
     image: np.ndarray,
     rng: np.random.Generator,
     *,
@@ -293,14 +233,15 @@ def make_sample(
     img = np.asarray(image, dtype=np.float32)
     if img.ndim != 3:
         raise ValueError(f"expected an (H, W, C) image, got shape {img.shape}")
-    degrade = _Degrade.make(task, img.shape[-1], sigma, blur_noise, scale)
-    if task == "sr" and (img.shape[0] % scale or img.shape[1] % scale):
-        raise ValueError(f"for sr the image size {img.shape[:2]} must be a multiple of the scale ({scale})")
-    return degrade.apply(img, rng)
+    task, _ = get_task(task), _check_channels(img.shape[-1])
+    settings = Degradation.make(sigma, blur_noise, scale)
+    for side in img.shape[:2]:
+        _check_multiple(task, "image size", side, settings.scale)
+    return task.train_sample(img, rng, settings)
 
 
 def make_val_set(
-    task: str,
+    task: TaskLike,
     source: "str | ImageSource | None" = None,
     *,
     count: int = 8,
@@ -316,15 +257,16 @@ def make_val_set(
     By default (``source`` None or ``"embedded"``) the images are ``count`` held-out embedded
     dead-leaves images of side ``size`` (their seeds are never used for training). For a
     folder or TFDS source the first ``count`` images (sorted order) are centre-cropped to
-    ``size`` (less if an image is smaller), rounded down to a multiple of ``scale`` for ``sr``.
+    ``size`` (less if an image is smaller), rounded down to a multiple of ``scale`` for SR.
     Degradation parameters (noise level, kernel, noise) are drawn from ``(seed, image index)``,
     so the same call always returns the same arrays.
     """
-    degrade = _Degrade.make(task, channels, sigma, blur_noise, scale)
+    task, channels = get_task(task), _check_channels(channels)
+    settings = Degradation.make(sigma, blur_noise, scale)
     count = _check_int("count", count, 1)
     size = _check_int("size", size, 1)
     seed = _check_int("seed", seed, 0)
-    mult = degrade.scale if task == "sr" else 1
+    mult = task.size_multiple(settings.scale)
     if size < mult:
         raise ValueError(f"validation size ({size}) must be at least the scale ({mult})")
     src = parse_source(source)
@@ -340,5 +282,5 @@ def make_val_set(
             raise ValueError(f"{src.describe(k)} ({h}x{w}) is too small for validation at scale {mult}")
         y, x = (h - side) // 2, (w - side) // 2
         target = np.ascontiguousarray(img[y : y + side, x : x + side])
-        out.append(degrade.apply(target, np.random.default_rng([seed, _VAL_STREAM, k])))
+        out.append(task.train_sample(target, np.random.default_rng([seed, _VAL_STREAM, k]), settings))
     return out

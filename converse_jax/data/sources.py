@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+from PIL import Image
 
 from converse_jax.data.synthetic import dead_leaves
 
@@ -146,8 +147,6 @@ def read_image_file(path: str | os.PathLike[str], channels: int) -> np.ndarray:
 
     Raises ValueError naming the file if it cannot be decoded.
     """
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im.load()
@@ -176,8 +175,6 @@ class FolderSource:
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        from PIL import Image
-
         path = Path(root).expanduser()
         if not path.exists():
             raise ValueError(f"image folder {path} does not exist")
@@ -249,7 +246,7 @@ class TfdsSource:
 
     def _open(self) -> Any:
         if self._ds is None:
-            try:
+            try:  # an optional dependency (the "tfds" extra), imported only when used
                 import tensorflow_datasets as tfds
             except ImportError:
                 raise ValueError(

@@ -24,7 +24,6 @@ biases; BatchNorm scale 1, offset 0; Converse2D layers keep their own softmax in
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Literal
 
@@ -34,8 +33,7 @@ from flax import nnx
 
 from converse_jax.models.conversenet import ConverseNet
 from converse_jax.models.dncnn import ConverseDnCNN
-from converse_jax.models.registry import get_spec, register
-from converse_jax.models.spec import ModelSpec
+from converse_jax.models.spec import Variant
 from converse_jax.models.srresnet import ConverseSRResNet, bilinear_upsample
 from converse_jax.models.usrnet import ConverseUSRNet
 from converse_jax.nn.conv import (DepthwiseConv, DepthwiseConvTranspose, ResizeConv, circular_conv_per_sample,
@@ -226,42 +224,35 @@ class ConvUSRNet(ConverseUSRNet):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Registry entries (no released weights; training recipes and test protocols of the Converse originals)
-
-
-def _entry(name: str, like: str, description: str, build: Any, num_params: int, paper: dict[str, Any]) -> None:
-    base = get_spec(like)
-    register(ModelSpec(
-        name=name, family="baselines", description=description, task=base.task,
-        in_channels=base.in_channels, out_channels=base.out_channels, scale=base.scale, build=build,
-        num_params=num_params, torch_key_to_path=None, release=None, recipe=base.recipe,
-        protocol=dataclasses.replace(base.protocol, paper=paper)))
-
+# Registry entries (no released weights; training recipes and test protocols of the Converse originals).
+# The registry imports this list; this module does not import the registry.
 
 _DENOISE = "dncnn"
 _SR = "srresnet"
 
-_entry("dncnn_k5", _DENOISE, "Converse-DnCNN with 5x5 kernels, as in the paper's table", dncnn_k5, 734_913,
-       {"set12": 30.70, "bsd68": 29.36})
-_entry("dncnn_original", _DENOISE, "DnCNN baseline: 17 layers of 3x3 conv/BatchNorm/ReLU, residual learning",
-       DnCNN, 557_057, {"set12": 30.43, "bsd68": 29.23})
-_entry("dncnn_conv", _DENOISE, "Conv-DnCNN baseline: depthwise 5x5 circular conv instead of Converse2D",
-       conv_dncnn, 734_913, {"set12": 30.64, "bsd68": 29.30})
-_entry("dncnn_convt", _DENOISE, "ConvT-DnCNN baseline: depthwise 5x5 transposed conv instead of Converse2D",
-       convt_dncnn, 734_913, {"set12": 30.61, "bsd68": 29.29})
-_entry("msrresnet", _SR, "MSRResNet baseline (the table's SRResNet): 3x3 convs, pixel-shuffle x4",
-       MSRResNet, 1_517_571, {"set5": 32.21, "set14": 28.60, "bsd100": 27.59, "urban100": 26.09})
-_entry("msrresnet_converse_up", _SR, "MSRResNet body with 3x3 conv + Converse2D x2 upsampling (GELU)",
-       functools.partial(MSRResNet, upsampler="converse"), 1_296_643, {})
-_entry("srresnet_conv", _SR, "Conv-SRResNet baseline: depthwise 5x5 conv blocks, nearest x2 + depthwise 3x3 "
-       "conv upsampling", conv_srresnet, 699_712,
-       {"set5": 32.23, "set14": 28.73, "bsd100": 27.62, "urban100": 26.24})
-_entry("srresnet_convt", _SR, "ConvT-SRResNet baseline: depthwise 5x5 transposed conv blocks, 2x2 stride-2 "
-       "transposed conv upsampling", convt_srresnet, 699_072,
-       {"set5": 32.09, "set14": 28.61, "bsd100": 27.56, "urban100": 25.89})
-_entry("convnet", "conversenet", "ConvNet baseline (blind deblurring): depthwise 3x3 circular conv instead of "
-       "Converse2D", conv_convnet, 243_267,
-       {"bsd100": (25.26, 22.96, 27.16, 26.91, 23.98), "urban100": (22.27, 20.59, 23.43, 23.92, 21.12)})
-_entry("usrnet_conv", "usrnet", "Conv-USRNet baseline (our definition): kernel-conditioned depthwise circular "
-       "conv as the data step (model(x, kernel, sf))", ConvUSRNet, 307_987,
-       {"bsd100": (32.18, 31.03, 37.80, 31.82, 34.33), "urban100": (31.48, 30.19, 36.80, 31.23, 33.63)})
+VARIANTS: tuple[Variant, ...] = (
+    Variant("dncnn_k5", _DENOISE, "Converse-DnCNN with 5x5 kernels, as in the paper's table", dncnn_k5, 734_913,
+            {"set12": 30.70, "bsd68": 29.36}),
+    Variant("dncnn_original", _DENOISE, "DnCNN baseline: 17 layers of 3x3 conv/BatchNorm/ReLU, residual learning",
+            DnCNN, 557_057, {"set12": 30.43, "bsd68": 29.23}),
+    Variant("dncnn_conv", _DENOISE, "Conv-DnCNN baseline: depthwise 5x5 circular conv instead of Converse2D",
+            conv_dncnn, 734_913, {"set12": 30.64, "bsd68": 29.30}),
+    Variant("dncnn_convt", _DENOISE, "ConvT-DnCNN baseline: depthwise 5x5 transposed conv instead of Converse2D",
+            convt_dncnn, 734_913, {"set12": 30.61, "bsd68": 29.29}),
+    Variant("msrresnet", _SR, "MSRResNet baseline (the table's SRResNet): 3x3 convs, pixel-shuffle x4",
+            MSRResNet, 1_517_571, {"set5": 32.21, "set14": 28.60, "bsd100": 27.59, "urban100": 26.09}),
+    Variant("msrresnet_converse_up", _SR, "MSRResNet body with 3x3 conv + Converse2D x2 upsampling (GELU)",
+            functools.partial(MSRResNet, upsampler="converse"), 1_296_643, {}),
+    Variant("srresnet_conv", _SR, "Conv-SRResNet baseline: depthwise 5x5 conv blocks, nearest x2 + depthwise 3x3 "
+            "conv upsampling", conv_srresnet, 699_712,
+            {"set5": 32.23, "set14": 28.73, "bsd100": 27.62, "urban100": 26.24}),
+    Variant("srresnet_convt", _SR, "ConvT-SRResNet baseline: depthwise 5x5 transposed conv blocks, 2x2 stride-2 "
+            "transposed conv upsampling", convt_srresnet, 699_072,
+            {"set5": 32.09, "set14": 28.61, "bsd100": 27.56, "urban100": 25.89}),
+    Variant("convnet", "conversenet", "ConvNet baseline (blind deblurring): depthwise 3x3 circular conv instead of "
+            "Converse2D", conv_convnet, 243_267,
+            {"bsd100": (25.26, 22.96, 27.16, 26.91, 23.98), "urban100": (22.27, 20.59, 23.43, 23.92, 21.12)}),
+    Variant("usrnet_conv", "usrnet", "Conv-USRNet baseline (our definition): kernel-conditioned depthwise circular "
+            "conv as the data step (model(x, kernel, sf))", ConvUSRNet, 307_987,
+            {"bsd100": (32.18, 31.03, 37.80, 31.82, 34.33), "urban100": (31.48, 30.19, 36.80, 31.23, 33.63)}),
+)

@@ -1,7 +1,9 @@
 """Model registry: one :class:`ModelSpec` entry per network name.
 
 ``create(name, rngs=...)`` builds a model, ``get_spec(name)`` returns everything else the project knows
-about it (PyTorch key mapping, released checkpoint, training recipe, evaluation protocol).
+about it (task, PyTorch key mapping, released checkpoint, training recipe, evaluation protocol). The
+registry imports the model modules (the baselines' entries are :class:`Variant` values listed in
+:mod:`converse_jax.models.baselines`); no model module imports the registry.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from converse_jax.models import conversenet, dncnn, srresnet, usrnet
+from converse_jax import tasks
+from converse_jax.models import baselines, conversenet, dncnn, srresnet, usrnet
 from converse_jax.models.spec import EvalProtocol, ModelSpec, Release, TrainRecipe
 
 _RELEASE_URL = "https://github.com/cszn/ConverseNet/raw/main/model_zoo/{}"  # the official repository keeps them in model_zoo/
@@ -48,8 +51,8 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 
 register(ModelSpec(
-    name="dncnn", family="dncnn", description="Converse-DnCNN, grayscale denoising (released: 7x7 kernels)",
-    task="denoise", in_channels=1, out_channels=1, scale=1,
+    name="dncnn", description="Converse-DnCNN, grayscale denoising (released: 7x7 kernels)",
+    task=tasks.DENOISE, in_channels=1, out_channels=1, scale=1,
     build=dncnn.ConverseDnCNN, num_params=796_353, torch_key_to_path=dncnn.torch_key_to_path,
     release=_release("converse_dncnn.pth", "3b86c7f6e41a014448f923bc331232e1f45e2eae350dd7f9e18440803d283e89"),
     recipe=TrainRecipe(
@@ -62,8 +65,8 @@ register(ModelSpec(
 ))
 
 register(ModelSpec(
-    name="srresnet", family="srresnet", description="Converse-SRResNet, x4 super-resolution",
-    task="sr", in_channels=3, out_channels=3, scale=4,
+    name="srresnet", description="Converse-SRResNet, x4 super-resolution",
+    task=tasks.SR, in_channels=3, out_channels=3, scale=4,
     build=srresnet.ConverseSRResNet, num_params=699_072, torch_key_to_path=srresnet.torch_key_to_path,
     release=_release("converse_srresnet.pth", "ed75a697f1ebb9f9ad6a53b7875bb76098f23b48d87bf6f0b0dd8cde6df81d2f"),
     recipe=TrainRecipe(
@@ -75,8 +78,8 @@ register(ModelSpec(
 ))
 
 register(ModelSpec(
-    name="conversenet", family="conversenet", description="ConverseNet, blind deblurring",
-    task="deblur", in_channels=3, out_channels=3, scale=1,
+    name="conversenet", description="ConverseNet, blind deblurring",
+    task=tasks.DEBLUR, in_channels=3, out_channels=3, scale=1,
     build=conversenet.ConverseNet, num_params=243_267, torch_key_to_path=conversenet.torch_key_to_path,
     release=_release("conversenet.pth", "603cbb29075178410db9ab6166b247d2ddff32f349c59a7e1763c46feca270bd"),
     recipe=_DEBLUR_RECIPE,
@@ -84,13 +87,22 @@ register(ModelSpec(
 ))
 
 register(ModelSpec(
-    name="usrnet", family="usrnet", description="Converse-USRNet, non-blind deblurring (model(x, kernel, sf))",
-    task="deblur_nonblind", in_channels=3, out_channels=3, scale=1,
+    name="usrnet", description="Converse-USRNet, non-blind deblurring (model(x, kernel, sf))",
+    task=tasks.DEBLUR_NONBLIND, in_channels=3, out_channels=3, scale=1,
     build=usrnet.ConverseUSRNet, num_params=307_987, torch_key_to_path=usrnet.torch_key_to_path,
     release=_release("converse_usrnet.pth", "729529b8bc8cbda152d6b60734b01032b49c20fcb8b6da2fb33141d9c3378d82"),
     recipe=_DEBLUR_RECIPE,
     protocol=EvalProtocol(**_DEBLUR_PROTOCOL, paper=_DEBLUR_PAPER["usrnet"]),
 ))
+
+
+def _register_variants() -> None:
+    """The baselines, each registered like the model it is compared with."""
+    for variant in baselines.VARIANTS:
+        register(variant.spec(_SPECS[variant.like]))
+
+
+_register_variants()
 
 
 def list_models() -> list[str]:
@@ -118,6 +130,3 @@ def count_params(model: nnx.Module) -> int:
     """Number of scalar parameters of a model."""
     state = nnx.state(model, nnx.Param)
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(state))
-
-
-from converse_jax.models import baselines as _baselines  # noqa: E402,F401  (registers the baselines)

@@ -2,7 +2,9 @@
 PyTorch weights, how to train it and how to evaluate it.
 
 Adding a model means writing its module file (the network and its PyTorch key mapping) and
-one :class:`ModelSpec` entry in :mod:`converse_jax.models.registry`.
+one :class:`ModelSpec` entry in :mod:`converse_jax.models.registry` (or a :class:`Variant` of a
+registered model); its ``task`` (a :class:`~converse_jax.tasks.Task`) says how the network is
+called, trained and tested, so a new Task is needed only for a new kind of restoration.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Literal, Optional
 
-Task = Literal["denoise", "sr", "deblur", "deblur_nonblind"]
+from converse_jax.tasks import Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +60,11 @@ class EvalProtocol:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
+    """A registry entry; ``task.name`` is the task's name in JSON and messages."""
+
     name: str
-    family: str  # module name under converse_jax.models
     description: str
-    task: Task
+    task: Task  # how the network is called, trained, tested and scored
     in_channels: int
     out_channels: int
     scale: int
@@ -71,3 +74,22 @@ class ModelSpec:
     release: Optional[Release]
     recipe: TrainRecipe
     protocol: EvalProtocol
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A network registered with the task, channels, scale, recipe and test protocol of the
+    registered model ``like`` (the paper's baselines): no released weights, no PyTorch keys."""
+
+    name: str
+    like: str  # the registered model it is compared with
+    description: str
+    build: Callable[..., Any]
+    num_params: int
+    paper: dict[str, Any]  # the paper's numbers for this network (protocol.paper)
+
+    def spec(self, base: ModelSpec) -> ModelSpec:
+        """This variant's registry entry, ``base`` being the entry of ``like``."""
+        return dataclasses.replace(
+            base, name=self.name, description=self.description, build=self.build, num_params=self.num_params,
+            torch_key_to_path=None, release=None, protocol=dataclasses.replace(base.protocol, paper=self.paper))

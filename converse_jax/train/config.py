@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from converse_jax.degradations import parse_level_range
+from converse_jax.models import get_spec, list_models
 from converse_jax.train.errors import IncompatibleWorkdirError, TrainConfigError
 
 __all__ = [
@@ -70,8 +72,6 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check every field; a bad one raises :class:`TrainConfigError` naming the flag."""
-        from converse_jax.models import list_models
-
         if self.model not in list_models():
             raise TrainConfigError(f"unknown model {self.model!r}: choose one of {', '.join(list_models())}")
         for name, minimum in (("steps", 1), ("batch_size", 1), ("patch_size", 1), ("eval_every", 1),
@@ -90,10 +90,7 @@ class TrainConfig:
         if self.loss not in ("l1", "l2"):
             raise TrainConfigError(f"--loss must be l1 or l2, got {self.loss!r}")
         for name in ("sigma", "blur_noise"):
-            lo, hi = getattr(self, name)
-            if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi):
-                raise TrainConfigError(f"--{_flag(name)} must be a level or a range 'low,high' with "
-                                       f"0 <= low <= high (0..255 scale), got {lo:g},{hi:g}")
+            parse_range(getattr(self, name), name)
         if self.scale > 1 and self.patch_size % self.scale:
             raise TrainConfigError(f"--patch-size ({self.patch_size}) must be a multiple of the x{self.scale} "
                                    f"scale of {self.model}")
@@ -127,8 +124,6 @@ def _flag(name: str) -> str:
 def config_from_spec(name: str, **overrides: Any) -> TrainConfig:
     """The default configuration of model ``name``: its registry recipe (PAPER.md §6 practice,
     see the recipe's ``source``) plus ``overrides``."""
-    from converse_jax.models import get_spec
-
     spec = get_spec(name)
     r = spec.recipe
     cfg = TrainConfig(
@@ -139,24 +134,12 @@ def config_from_spec(name: str, **overrides: Any) -> TrainConfig:
 
 
 def parse_range(text: str | float | Sequence[float], name: str = "sigma") -> tuple[float, float]:
-    """``"25"`` -> ``(25, 25)``; ``"0,50"`` -> ``(0, 50)`` (0..255 scale)."""
-    if isinstance(text, (int, float)):
-        parts = [float(text)]
-    elif isinstance(text, str):
-        try:
-            parts = [float(p) for p in text.split(",")]
-        except ValueError:
-            raise TrainConfigError(f"--{_flag(name)} must be a number or 'low,high', got {text!r}") from None
-    else:
-        parts = [float(p) for p in text]
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2:
-        raise TrainConfigError(f"--{_flag(name)} must be a number or 'low,high', got {text!r}")
-    lo, hi = parts
-    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi):
-        raise TrainConfigError(f"--{_flag(name)} must satisfy 0 <= low <= high (0..255 scale), got {text!r}")
-    return lo, hi
+    """``"25"`` -> ``(25, 25)``; ``"0,50"`` -> ``(0, 50)`` (0..255 scale): the command line's
+    :func:`~converse_jax.degradations.parse_level_range`, its errors naming the flag."""
+    try:
+        return parse_level_range(text, f"--{_flag(name)}")
+    except ValueError as exc:
+        raise TrainConfigError(str(exc)) from None
 
 
 def parse_int_list(text: str, name: str = "lr_milestones") -> tuple[int, ...]:
