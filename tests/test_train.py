@@ -21,9 +21,9 @@ from conftest import require_asset
 
 from converse_jax.data import make_train_loader
 from converse_jax.models import create, get_spec, list_models
-from converse_jax.train import (CheckpointStore, NonFiniteLossError, ParamCodec, TrainConfig, config_from_spec,
-                                export_params, init_train_state, make_data_mesh, make_optimizer, make_train_step,
-                                prepare_workdir, replicate, shard_batch, train)
+from converse_jax.train import (CheckpointStore, NonFiniteLossError, TrainConfig, config_from_spec, export_params,
+                                full_state, host_params, init_train_state, make_data_mesh, make_optimizer,
+                                make_train_step, prepare_workdir, replicate, shard_batch, split_state, train)
 
 # load_converted reads the arrays back to the host without a sharding: intended here
 pytestmark = pytest.mark.filterwarnings("ignore:Sharding info not provided")
@@ -98,11 +98,11 @@ def _fixed_batch(name: str, batch_size: int = 2, patch: int = 16) -> dict:
 def _run_steps(name: str, batch: dict, steps: int, lr: float, num_devices: int = 1,
                with_extra: bool = False) -> tuple[list, dict]:
     model = create(name, rngs=0, **TINY[name])
-    codec = ParamCodec(model)
-    tx = make_optimizer(config_from_spec(name, lr=lr, lr_milestones=()))
+    tx = make_optimizer(config_from_spec(name, lr=lr, lr_milestones=())).tx
     mesh = make_data_mesh(num_devices)
-    step = make_train_step(codec, tx, get_spec(name).task, "l1", mesh)
-    state = replicate(jax.device_get(init_train_state(codec.initial(), tx, extra=codec.initial_extra())), mesh)
+    step = make_train_step(model, tx, get_spec(name).task, "l1", mesh)
+    params, extra = split_state(model)
+    state = replicate(jax.device_get(init_train_state(params, tx, extra=extra)), mesh)
     global_batch = shard_batch(batch, mesh)
     losses = []
     for _ in range(steps):
@@ -132,9 +132,8 @@ def test_batchnorm_statistics_are_carried_by_the_train_step():
         pytest.skip("no BatchNorm model registered")
     losses, state = _run_steps("dncnn_original", _fixed_batch("dncnn_original"), steps=3, lr=1e-2,
                                with_extra=True)
-    codec = ParamCodec(create("dncnn_original", rngs=0, **TINY["dncnn_original"]))
-    before = codec.initial_extra()["norms"]["0"]
-    after = state["extra"]["norms"]["0"]
+    before = split_state(create("dncnn_original", rngs=0, **TINY["dncnn_original"]))[1]["norms"][0]
+    after = state["extra"]["norms"][0]
     assert not np.allclose(np.asarray(before["mean"]), np.asarray(after["mean"]))
     assert losses[-1] < losses[0]
 
@@ -175,7 +174,7 @@ def test_four_cpu_devices_give_the_parameters_of_one(tmp_path):
     for key in flat:
         np.testing.assert_allclose(four[key], flat[key], rtol=1e-4, atol=1e-6, err_msg=key)
     # the steps did move the parameters (the comparison is not between two initialisations)
-    init = ParamCodec(create("dncnn", rngs=0, **TINY["dncnn"])).initial()
+    init = split_state(create("dncnn", rngs=0, **TINY["dncnn"]))[0]
     assert not np.allclose(np.asarray(init["head"]["kernel"]), flat["head/kernel"])
 
 
@@ -287,16 +286,16 @@ def test_training_checkpoints_load_with_load_pretrained(tmp_path):
     from converse_jax.weights import load_pretrained
 
     model = create("dncnn", rngs=3)
-    codec = ParamCodec(model)
-    tx = make_optimizer(config_from_spec("dncnn"))
+    params, extra = split_state(model)
+    tx = make_optimizer(config_from_spec("dncnn")).tx
     store = CheckpointStore(tmp_path / "checkpoints", keep=2)
-    store.save(7, codec.combine(codec.initial()), tx.init(codec.initial()), {"model": "dncnn"})
+    store.save(7, full_state(params, extra), tx.init(params), {"model": "dncnn"})
     store.close()
     loaded = load_pretrained("dncnn", tmp_path / "checkpoints" / "7")
     exported = load_pretrained("dncnn", export_params(model, "dncnn", tmp_path / "exported"))
-    want = codec.flatten(codec.initial())
+    want = host_params(params)
     for other in (loaded, exported):
-        got = codec.flatten(codec.from_model(other)[0])
+        got = host_params(split_state(other)[0])
         assert set(got) == set(want)
         for key in want:
             np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
@@ -307,12 +306,11 @@ def test_init_from_pretrained_uses_the_released_weights(tmp_path):
     from converse_jax.weights import load_pretrained
 
     path = require_asset("weights", "converse_dncnn.pth")
-    codec = ParamCodec(create("dncnn", rngs=0))
-    (params, extra), origin = initial_params(config_from_spec("dncnn", init_from="pretrained"), codec)
+    (params, extra), origin = initial_params(config_from_spec("dncnn", init_from="pretrained"), create("dncnn", rngs=0))
     assert str(path) in origin and extra == {}
-    want, _ = codec.from_model(load_pretrained("dncnn", path))
-    for key, value in codec.flatten(want).items():
-        np.testing.assert_array_equal(np.asarray(codec.flatten(params)[key]), np.asarray(value))
+    want, _ = split_state(load_pretrained("dncnn", path))
+    for key, value in host_params(want).items():
+        np.testing.assert_array_equal(np.asarray(host_params(params)[key]), np.asarray(value))
 
 
 # ----------------------------------------------------------------------------------------------
