@@ -16,14 +16,18 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 import pytest
 from conftest import require_asset
+from flax import nnx
 
 from converse_jax.data import make_train_loader
 from converse_jax.models import create, get_spec, list_models
-from converse_jax.train import (CheckpointStore, NonFiniteLossError, TrainConfig, config_from_spec, export_params,
-                                full_state, host_params, init_train_state, make_data_mesh, make_optimizer,
-                                make_train_step, prepare_workdir, replicate, shard_batch, split_state, train)
+from converse_jax.train import (CheckpointStore, IncompatibleWorkdirError, NonFiniteLossError, Optimizer, TrainConfig,
+                                config_from_spec, export_params, full_state, host_params, init_train_state,
+                                make_data_mesh, make_optimizer, make_predict, make_train_step, mode_view,
+                                prepare_workdir, replicate, replicated, shard_batch, split_state, train)
+from converse_jax.train import loop as loop_module
 
 # load_converted reads the arrays back to the host without a sharding: intended here
 pytestmark = pytest.mark.filterwarnings("ignore:Sharding info not provided")
@@ -136,6 +140,36 @@ def test_batchnorm_statistics_are_carried_by_the_train_step():
     after = state["extra"]["norms"][0]
     assert not np.allclose(np.asarray(before["mean"]), np.asarray(after["mean"]))
     assert losses[-1] < losses[0]
+
+
+def test_training_view_uses_batch_statistics_and_unrolls_the_blocks():
+    """mode_view: BatchNorm on batch statistics and Converse blocks unrolled in training, the opposite in
+    evaluation; the train step runs the training view, predict the evaluation view."""
+    def batch_statistics(model):
+        return [not m.use_running_average for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)]
+
+    baseline = create("dncnn_original", rngs=0, **TINY["dncnn_original"])
+    assert batch_statistics(mode_view(baseline, True)) == [True]
+    assert batch_statistics(mode_view(baseline, False)) == [False]
+    model = create("dncnn", rngs=0, features=4, num_blocks=2)
+    assert not mode_view(model, True).scan_blocks and mode_view(model, False).scan_blocks
+    mesh = make_data_mesh(1)
+    tx = make_optimizer(config_from_spec("dncnn")).tx
+    params, extra = split_state(model)
+    state = replicate(init_train_state(params, tx, extra=extra), mesh)
+    batch = shard_batch(_fixed_batch("dncnn"), mesh)
+    step_hlo = make_train_step(model, tx, "denoise", "l1", mesh).lower(state, batch).as_text()
+    predict_hlo = make_predict(model, "denoise").lower(params, extra, batch).as_text()
+    assert "stablehlo.while" not in step_hlo and "stablehlo.while" in predict_hlo  # lax.scan lowers to a while
+
+
+def test_mode_view_does_not_hide_a_failing_view():
+    class Broken(nnx.Module):
+        def set_view(self, scan_blocks=None):
+            raise ValueError("this view cannot be built")
+
+    with pytest.raises(ValueError, match="this view cannot be built"):
+        mode_view(Broken(), True)
 
 
 def test_four_cpu_devices_give_the_parameters_of_one(tmp_path):
@@ -311,6 +345,73 @@ def test_init_from_pretrained_uses_the_released_weights(tmp_path):
     want, _ = split_state(load_pretrained("dncnn", path))
     for key, value in host_params(want).items():
         np.testing.assert_array_equal(np.asarray(host_params(params)[key]), np.asarray(value))
+
+
+def _string_keys(tree):
+    """``tree`` with every dict key a string, as checkpoints held before the state was NNX pure dicts."""
+    if isinstance(tree, dict):
+        return {str(k): _string_keys(v) for k, v in tree.items()}
+    if isinstance(tree, tuple):
+        items = [_string_keys(v) for v in tree]
+        return type(tree)(*items) if hasattr(tree, "_fields") else tuple(items)
+    return tree
+
+
+def test_checkpoints_with_string_keys_resume_where_they_stopped(tmp_path):
+    ref = _tiny_config(tmp_path / "ref", steps=4)
+    want = dict(train(ref, **QUIET).losses)
+    model = create("dncnn", rngs=0, **ref.model_kwargs)
+    tx = make_optimizer(ref).tx
+    params, extra = split_state(model)
+    rep = replicated(make_data_mesh(1))
+    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
+                          jax.eval_shape(lambda: init_train_state(params, tx, extra=extra)))
+    store = CheckpointStore(tmp_path / "ref" / "checkpoints")
+    full, opt_state, _ = store.restore(2, full_state(shapes["params"], shapes["extra"]), shapes["opt_state"])
+    store.close()
+    old = _tiny_config(tmp_path / "old", steps=4)
+    prepare_workdir(old)
+    store = CheckpointStore(tmp_path / "old" / "checkpoints")
+    store.save(2, _string_keys(full), _string_keys(opt_state), {"model": "dncnn"})
+    store.close()
+    result = train(old, **QUIET)
+    assert result.start_step == 2
+    np.testing.assert_allclose([loss for _, loss in result.losses], [want[3], want[4]], rtol=1e-6)
+
+
+def test_resuming_a_checkpoint_of_another_structure_is_refused_in_one_line(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    config = _tiny_config(workdir, steps=4)
+    prepare_workdir(config)
+    other = create("dncnn_conv", rngs=0, **config.model_kwargs)  # depthwise convolutions instead of Converse2D
+    params, extra = split_state(other)
+    store = CheckpointStore(workdir / "checkpoints")
+    store.save(2, full_state(params, extra), make_optimizer(config).tx.init(params), {"model": "dncnn"})
+    store.close()
+    ckpt = workdir / "checkpoints" / "2"
+    with pytest.raises(IncompatibleWorkdirError) as info:
+        train(config, **QUIET)
+    msg = str(info.value)
+    assert "\n" not in msg and f"checkpoint {ckpt} does not match" in msg
+    assert "missing" in msg and "unexpected" in msg and f"--init-from={ckpt}" in msg
+    assert not (workdir / "metrics.jsonl").exists() and _finished_steps(workdir) == [2]
+    code, err = _main(_tiny_flags(workdir, 4), capsys)
+    _assert_one_line_error(code, err, f"checkpoint {ckpt} does not match", f"--init-from={ckpt}")
+
+
+def test_logged_lr_is_the_one_the_optimizer_applies(tmp_path, monkeypatch):
+    optimizer = make_optimizer(config_from_spec("dncnn", lr=1e-3, lr_milestones=(2,)))
+    assert [float(optimizer.schedule(i)) for i in range(4)] == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4])
+    grads = {"w": np.ones(1, np.float32)}
+    state = optimizer.tx.init(grads)
+    for count in range(3):  # Adam's first steps move by the learning rate (gradients of constant sign)
+        updates, state = optimizer.tx.update(grads, state)
+        np.testing.assert_allclose(updates["w"], -optimizer.schedule(count), rtol=1e-4)
+    schedule = optax.cosine_decay_schedule(1e-3, 4)
+    monkeypatch.setattr(loop_module, "make_optimizer", lambda config: Optimizer(optax.adam(schedule), schedule))
+    train(_tiny_config(tmp_path / "run", steps=4), **QUIET)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([r["lr"] for r in records if "lr" in r], [schedule(i) for i in range(4)], rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

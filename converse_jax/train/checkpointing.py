@@ -134,22 +134,19 @@ class CheckpointStore:
 
     def check_structure(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> None:
         """Raise :class:`IncompatibleWorkdirError` unless the saved trees of ``step`` have the paths
-        and shapes of the abstract ones (read from the checkpoint's metadata, no arrays)."""
+        and shapes of the abstract ones (read from the checkpoint's metadata, no arrays). The message
+        names the first item that differs (the optimizer state follows the parameters)."""
         saved = self.manager.item_metadata(int(step))
-        problems = []
-        for item, abstract in zip(_ITEMS, (abstract_params, abstract_opt_state)):
+        for item, abstract in zip(_ITEMS, (abstract_params, abstract_opt_state), strict=True):
             meta = saved[item] if item in saved else None
-            if meta is None:
-                problems.append(f"{item}: unreadable")
-                continue
-            found = _differences(_signature(getattr(meta, "tree", meta)), _signature(abstract))
-            problems.extend(f"{item}: {part}" for part in found)
-        if problems:
-            where = self.path(step)
-            raise IncompatibleWorkdirError(
-                f"checkpoint {where} does not match the state of this model ({'; '.join(problems)}), so the run "
-                f"cannot resume from it: start a new --workdir with --init-from={where} to train on from its "
-                f"weights")
+            problems = (["unreadable metadata"] if meta is None else
+                        _differences(_signature(getattr(meta, "tree", meta)), _signature(abstract)))
+            if problems:
+                where = self.path(step)
+                raise IncompatibleWorkdirError(
+                    f"checkpoint {where} does not match the state of this model ({item}: {'; '.join(problems)}), "
+                    f"so the run cannot resume from it: start a new --workdir with --init-from={where} to train "
+                    f"on from its weights")
 
     def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> tuple[Any, Any, dict[str, Any]]:
         """``(params, opt_state, metadata)`` of ``step``; the abstract trees give structure, shapes

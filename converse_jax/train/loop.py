@@ -484,7 +484,7 @@ class _Session:
     def validate(self, step: int) -> float:
         """Validation PSNR of the current state; on the main host also the grid PNG and the logs."""
         rows, scores = [], []
-        for item, batch in zip(self.run.val_set, self.val_batches):
+        for item, batch in zip(self.run.val_set, self.val_batches, strict=True):
             out = np.asarray(self.predict(self.state["params"], self.state["extra"], batch))[0]
             scores.append(psnr(out, item["target"]))
             if len(rows) < _GRID_ROWS:
