@@ -2,9 +2,9 @@
 ``jax.jit``-compiled update over a data-parallel mesh.
 
 A model state is held in the pure-dict form of ``nnx.to_pure_dict``: nested dicts of arrays keyed
-by NNX path (``{"body": {0: {"pw1": {"kernel": ...}}}}``). The train state keeps two of them, the
-``nnx.Param`` variables (what the optimizer updates) and the rest (e.g. BatchNorm statistics,
-updated by the forward pass in training mode; empty for the paper's four networks).
+by NNX path (``{"head": {"kernel": ...}, ...}``, list items under int keys). The train state keeps
+two of them, the ``nnx.Param`` variables (what the optimizer updates) and the rest (e.g. BatchNorm
+statistics, updated by the forward pass in training mode; empty for the paper's four networks).
 :func:`full_state` joins them into the model's full state, which is what training checkpoints and
 converted weight checkpoints (:mod:`converse_jax.weights.checkpoint`) hold, so
 :func:`converse_jax.load_pretrained` loads a training checkpoint as it is.
