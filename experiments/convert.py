@@ -13,6 +13,10 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from converse_jax.weights.checkpoint import read_metadata
+from converse_jax.weights.pretrained import convert_checkpoint
+from experiments._cli import one_line
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage block
@@ -35,15 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from converse_jax.weights.checkpoint import read_metadata
-    from converse_jax.weights.pretrained import convert_checkpoint
-
     try:
         out = convert_checkpoint(args.model, args.weights, args.out, overwrite=args.force)
         meta = read_metadata(out)
     except (ValueError, OSError) as exc:
-        message = " ".join(str(exc).split())  # keep it on one line
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        print(f"{parser.prog}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(f"wrote {out} (model {meta['model']}, from {meta['source_file']} sha256 "
           f"{meta['source_sha256'][:12]}..., converse_jax {meta['converse_jax_version']})")

@@ -18,6 +18,12 @@ import os
 import sys
 from typing import Any, NoReturn, Optional, Sequence
 
+import jax
+
+from converse_jax.models import list_models
+from converse_jax.train import (IncompatibleWorkdirError, NonFiniteLossError, TrainConfigError, TrainDataError,
+                                config_from_spec, enable_compilation_cache, evaluate_command, parse_int_list,
+                                parse_model_kwargs, parse_range, setup_distributed, train)
 from experiments._cli import one_line
 
 PROG = "python -m experiments.train"
@@ -48,8 +54,6 @@ def _recipes_epilog() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from converse_jax.models import list_models
-
     p = _Parser(prog=PROG, description=__doc__.split("\n")[0], epilog=_recipes_epilog(),
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     recipe = "default: the model's recipe"
@@ -90,8 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config(model: str) -> Any:
     """``experiments.configs.<model>.get_config()``, or the registry recipe without such a file."""
-    from converse_jax.train import config_from_spec
-
     try:
         module = importlib.import_module(f"experiments.configs.{model}")
     except ModuleNotFoundError as exc:
@@ -103,8 +105,6 @@ def load_config(model: str) -> Any:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """The model's config with the command line's overrides applied."""
-    from converse_jax.train import parse_int_list, parse_model_kwargs, parse_range
-
     cfg = load_config(args.model)
     over: dict[str, Any] = {}
     for name in ("data", "val_data", "steps", "batch_size", "patch_size", "lr", "loss", "seed", "workdir",
@@ -128,11 +128,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     err = sys.stderr
-
-    from converse_jax.train import (IncompatibleWorkdirError, NonFiniteLossError, TrainConfigError,
-                                    TrainDataError, enable_compilation_cache, evaluate_command,
-                                    setup_distributed, train)
-
     try:
         setup_distributed(args.multihost, coordinator_address=args.coordinator_address,
                           num_processes=args.num_processes, process_id=args.process_id)
@@ -153,8 +148,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted (second Ctrl-C): the last finished checkpoint is kept", file=err)
         return 130
-
-    import jax
 
     if jax.process_index() != 0:
         return 130 if result.interrupted else 0

@@ -16,14 +16,18 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 import pytest
 from conftest import require_asset
+from flax import nnx
 
 from converse_jax.data import make_train_loader
 from converse_jax.models import create, get_spec, list_models
-from converse_jax.train import (CheckpointStore, NonFiniteLossError, ParamCodec, TrainConfig, config_from_spec,
-                                export_params, init_train_state, make_data_mesh, make_optimizer, make_train_step,
-                                prepare_workdir, replicate, shard_batch, train)
+from converse_jax.train import (CheckpointStore, IncompatibleWorkdirError, NonFiniteLossError, Optimizer, TrainConfig,
+                                config_from_spec, export_params, full_state, host_params, init_train_state,
+                                make_data_mesh, make_optimizer, make_predict, make_train_step, mode_view,
+                                prepare_workdir, replicate, replicated, shard_batch, split_state, train)
+from converse_jax.train import loop as loop_module
 
 # load_converted reads the arrays back to the host without a sharding: intended here
 pytestmark = pytest.mark.filterwarnings("ignore:Sharding info not provided")
@@ -98,11 +102,11 @@ def _fixed_batch(name: str, batch_size: int = 2, patch: int = 16) -> dict:
 def _run_steps(name: str, batch: dict, steps: int, lr: float, num_devices: int = 1,
                with_extra: bool = False) -> tuple[list, dict]:
     model = create(name, rngs=0, **TINY[name])
-    codec = ParamCodec(model)
-    tx = make_optimizer(config_from_spec(name, lr=lr, lr_milestones=()))
+    tx = make_optimizer(config_from_spec(name, lr=lr, lr_milestones=())).tx
     mesh = make_data_mesh(num_devices)
-    step = make_train_step(codec, tx, get_spec(name).task, "l1", mesh)
-    state = replicate(jax.device_get(init_train_state(codec.initial(), tx, extra=codec.initial_extra())), mesh)
+    step = make_train_step(model, tx, get_spec(name).task, "l1", mesh)
+    params, extra = split_state(model)
+    state = replicate(jax.device_get(init_train_state(params, tx, extra=extra)), mesh)
     global_batch = shard_batch(batch, mesh)
     losses = []
     for _ in range(steps):
@@ -132,11 +136,40 @@ def test_batchnorm_statistics_are_carried_by_the_train_step():
         pytest.skip("no BatchNorm model registered")
     losses, state = _run_steps("dncnn_original", _fixed_batch("dncnn_original"), steps=3, lr=1e-2,
                                with_extra=True)
-    codec = ParamCodec(create("dncnn_original", rngs=0, **TINY["dncnn_original"]))
-    before = codec.initial_extra()["norms"]["0"]
-    after = state["extra"]["norms"]["0"]
+    before = split_state(create("dncnn_original", rngs=0, **TINY["dncnn_original"]))[1]["norms"][0]
+    after = state["extra"]["norms"][0]
     assert not np.allclose(np.asarray(before["mean"]), np.asarray(after["mean"]))
     assert losses[-1] < losses[0]
+
+
+def test_training_view_uses_batch_statistics_and_unrolls_the_blocks():
+    """mode_view: BatchNorm on batch statistics and Converse blocks unrolled in training, the opposite in
+    evaluation; the train step runs the training view, predict the evaluation view."""
+    def batch_statistics(model):
+        return [not m.use_running_average for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)]
+
+    baseline = create("dncnn_original", rngs=0, **TINY["dncnn_original"])
+    assert batch_statistics(mode_view(baseline, True)) == [True]
+    assert batch_statistics(mode_view(baseline, False)) == [False]
+    model = create("dncnn", rngs=0, features=4, num_blocks=2)
+    assert not mode_view(model, True).scan_blocks and mode_view(model, False).scan_blocks
+    mesh = make_data_mesh(1)
+    tx = make_optimizer(config_from_spec("dncnn")).tx
+    params, extra = split_state(model)
+    state = replicate(init_train_state(params, tx, extra=extra), mesh)
+    batch = shard_batch(_fixed_batch("dncnn"), mesh)
+    step_hlo = make_train_step(model, tx, "denoise", "l1", mesh).lower(state, batch).as_text()
+    predict_hlo = make_predict(model, "denoise").lower(params, extra, batch).as_text()
+    assert "stablehlo.while" not in step_hlo and "stablehlo.while" in predict_hlo  # lax.scan lowers to a while
+
+
+def test_mode_view_does_not_hide_a_failing_view():
+    class Broken(nnx.Module):
+        def set_view(self, scan_blocks=None):
+            raise ValueError("this view cannot be built")
+
+    with pytest.raises(ValueError, match="this view cannot be built"):
+        mode_view(Broken(), True)
 
 
 def test_four_cpu_devices_give_the_parameters_of_one(tmp_path):
@@ -175,7 +208,7 @@ def test_four_cpu_devices_give_the_parameters_of_one(tmp_path):
     for key in flat:
         np.testing.assert_allclose(four[key], flat[key], rtol=1e-4, atol=1e-6, err_msg=key)
     # the steps did move the parameters (the comparison is not between two initialisations)
-    init = ParamCodec(create("dncnn", rngs=0, **TINY["dncnn"])).initial()
+    init = split_state(create("dncnn", rngs=0, **TINY["dncnn"]))[0]
     assert not np.allclose(np.asarray(init["head"]["kernel"]), flat["head/kernel"])
 
 
@@ -287,16 +320,16 @@ def test_training_checkpoints_load_with_load_pretrained(tmp_path):
     from converse_jax.weights import load_pretrained
 
     model = create("dncnn", rngs=3)
-    codec = ParamCodec(model)
-    tx = make_optimizer(config_from_spec("dncnn"))
+    params, extra = split_state(model)
+    tx = make_optimizer(config_from_spec("dncnn")).tx
     store = CheckpointStore(tmp_path / "checkpoints", keep=2)
-    store.save(7, codec.combine(codec.initial()), tx.init(codec.initial()), {"model": "dncnn"})
+    store.save(7, full_state(params, extra), tx.init(params), {"model": "dncnn"})
     store.close()
     loaded = load_pretrained("dncnn", tmp_path / "checkpoints" / "7")
     exported = load_pretrained("dncnn", export_params(model, "dncnn", tmp_path / "exported"))
-    want = codec.flatten(codec.initial())
+    want = host_params(params)
     for other in (loaded, exported):
-        got = codec.flatten(codec.from_model(other)[0])
+        got = host_params(split_state(other)[0])
         assert set(got) == set(want)
         for key in want:
             np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
@@ -307,12 +340,78 @@ def test_init_from_pretrained_uses_the_released_weights(tmp_path):
     from converse_jax.weights import load_pretrained
 
     path = require_asset("weights", "converse_dncnn.pth")
-    codec = ParamCodec(create("dncnn", rngs=0))
-    (params, extra), origin = initial_params(config_from_spec("dncnn", init_from="pretrained"), codec)
+    (params, extra), origin = initial_params(config_from_spec("dncnn", init_from="pretrained"), create("dncnn", rngs=0))
     assert str(path) in origin and extra == {}
-    want, _ = codec.from_model(load_pretrained("dncnn", path))
-    for key, value in codec.flatten(want).items():
-        np.testing.assert_array_equal(np.asarray(codec.flatten(params)[key]), np.asarray(value))
+    want, _ = split_state(load_pretrained("dncnn", path))
+    for key, value in host_params(want).items():
+        np.testing.assert_array_equal(np.asarray(host_params(params)[key]), np.asarray(value))
+
+
+def _string_keys(tree):
+    """``tree`` with every dict key a string, as checkpoints held before the state was NNX pure dicts."""
+    if isinstance(tree, dict):
+        return {str(k): _string_keys(v) for k, v in tree.items()}
+    if isinstance(tree, tuple):
+        items = [_string_keys(v) for v in tree]
+        return type(tree)(*items) if hasattr(tree, "_fields") else tuple(items)
+    return tree
+
+
+def test_checkpoints_with_string_keys_resume_where_they_stopped(tmp_path):
+    ref = _tiny_config(tmp_path / "ref", steps=4)
+    want = dict(train(ref, **QUIET).losses)
+    model = create("dncnn", rngs=0, **ref.model_kwargs)
+    tx = make_optimizer(ref).tx
+    params, extra = split_state(model)
+    rep = replicated(make_data_mesh(1))
+    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
+                          jax.eval_shape(lambda: init_train_state(params, tx, extra=extra)))
+    store = CheckpointStore(tmp_path / "ref" / "checkpoints")
+    full, opt_state, _ = store.restore(2, full_state(shapes["params"], shapes["extra"]), shapes["opt_state"])
+    store.close()
+    old = _tiny_config(tmp_path / "old", steps=4)
+    prepare_workdir(old)
+    store = CheckpointStore(tmp_path / "old" / "checkpoints")
+    store.save(2, _string_keys(full), _string_keys(opt_state), {"model": "dncnn"})
+    store.close()
+    result = train(old, **QUIET)
+    assert result.start_step == 2
+    np.testing.assert_allclose([loss for _, loss in result.losses], [want[3], want[4]], rtol=1e-6)
+
+
+def test_resuming_a_checkpoint_of_another_structure_is_refused_in_one_line(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    config = _tiny_config(workdir, steps=4)
+    prepare_workdir(config)
+    other = create("dncnn_conv", rngs=0, **config.model_kwargs)  # depthwise convolutions instead of Converse2D
+    params, extra = split_state(other)
+    store = CheckpointStore(workdir / "checkpoints")
+    store.save(2, full_state(params, extra), make_optimizer(config).tx.init(params), {"model": "dncnn"})
+    store.close()
+    ckpt = workdir / "checkpoints" / "2"
+    with pytest.raises(IncompatibleWorkdirError) as info:
+        train(config, **QUIET)
+    msg = str(info.value)
+    assert "\n" not in msg and f"checkpoint {ckpt} does not match" in msg
+    assert "missing" in msg and "unexpected" in msg and f"--init-from={ckpt}" in msg
+    assert not (workdir / "metrics.jsonl").exists() and _finished_steps(workdir) == [2]
+    code, err = _main(_tiny_flags(workdir, 4), capsys)
+    _assert_one_line_error(code, err, f"checkpoint {ckpt} does not match", f"--init-from={ckpt}")
+
+
+def test_logged_lr_is_the_one_the_optimizer_applies(tmp_path, monkeypatch):
+    optimizer = make_optimizer(config_from_spec("dncnn", lr=1e-3, lr_milestones=(2,)))
+    assert [float(optimizer.schedule(i)) for i in range(4)] == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4])
+    grads = {"w": np.ones(1, np.float32)}
+    state = optimizer.tx.init(grads)
+    for count in range(3):  # Adam's first steps move by the learning rate (gradients of constant sign)
+        updates, state = optimizer.tx.update(grads, state)
+        np.testing.assert_allclose(updates["w"], -optimizer.schedule(count), rtol=1e-4)
+    schedule = optax.cosine_decay_schedule(1e-3, 4)
+    monkeypatch.setattr(loop_module, "make_optimizer", lambda config: Optimizer(optax.adam(schedule), schedule))
+    train(_tiny_config(tmp_path / "run", steps=4), **QUIET)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([r["lr"] for r in records if "lr" in r], [schedule(i) for i in range(4)], rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

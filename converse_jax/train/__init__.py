@@ -3,7 +3,8 @@ orbax checkpoints that survive a kill, validation and logging.
 
 - :class:`TrainConfig`, :func:`config_from_spec` — settings (defaults from the model's recipe);
 - :func:`train` — the whole run (resume, log, validate, checkpoint, stop on NaN or SIGINT);
-- :class:`ParamCodec`, :func:`make_optimizer`, :func:`make_train_step` — the functional step;
+- :func:`split_state`, :func:`full_state`, :func:`make_optimizer`, :func:`make_train_step` — the functional
+  step on the model's state as pure dicts (``nnx.to_pure_dict`` form);
 - :func:`make_data_mesh`, :func:`shard_batch`, :func:`replicate`, :func:`setup_distributed`;
 - :class:`CheckpointStore`, :func:`export_params`, :func:`latest_checkpoint`.
 
@@ -18,14 +19,15 @@ from converse_jax.train.errors import IncompatibleWorkdirError, NonFiniteLossErr
 from converse_jax.train.loop import TrainDataError, TrainResult, evaluate_command, make_grid, train
 from converse_jax.train.parallel import (batch_sharding, check_batch_size, enable_compilation_cache, make_data_mesh,
                                          replicate, replicated, setup_distributed, shard_batch)
-from converse_jax.train.step import (ParamCodec, apply_model, init_train_state, loss_value, lr_schedule,
-                                     make_optimizer, make_predict, make_train_step)
+from converse_jax.train.step import (Optimizer, apply_model, full_state, host_params, init_train_state, loss_value,
+                                     lr_schedule, make_optimizer, make_predict, make_train_step, mode_view,
+                                     split_state)
 
 __all__ = [
     "CheckpointStore",
     "IncompatibleWorkdirError",
     "NonFiniteLossError",
-    "ParamCodec",
+    "Optimizer",
     "TrainConfig",
     "TrainConfigError",
     "TrainDataError",
@@ -38,6 +40,8 @@ __all__ = [
     "enable_compilation_cache",
     "evaluate_command",
     "export_params",
+    "full_state",
+    "host_params",
     "init_train_state",
     "latest_checkpoint",
     "loss_value",
@@ -47,6 +51,7 @@ __all__ = [
     "make_optimizer",
     "make_predict",
     "make_train_step",
+    "mode_view",
     "parse_int_list",
     "parse_model_kwargs",
     "parse_range",
@@ -55,5 +60,6 @@ __all__ = [
     "replicated",
     "setup_distributed",
     "shard_batch",
+    "split_state",
     "train",
 ]

@@ -4,7 +4,7 @@ Layout of a working directory::
 
     <workdir>/config.json              the run's TrainConfig (JSON)
     <workdir>/checkpoints/<step>/      one orbax checkpoint per saved step (the last ``keep``)
-        params/     the parameters, nested by NNX path (converted-weights layout)
+        params/     the model's full state, nested by NNX path (``nnx.to_pure_dict`` form)
         opt_state/  the optax state
         metadata/   JSON: format, model, step, loss, config
 
@@ -23,10 +23,14 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import jax
-import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
 
 from converse_jax.fileio import write_json_atomic
 from converse_jax.train.config import CONFIG_FILE, TrainConfig, check_compatible
+from converse_jax.train.errors import IncompatibleWorkdirError
+from converse_jax.train.step import host_params
+from converse_jax.weights.checkpoint import FORMAT, FORMAT_VERSION, package_version, save_converted
 
 __all__ = [
     "CheckpointStore",
@@ -76,23 +80,35 @@ def prepare_workdir(config: TrainConfig, *, write: bool = True) -> tuple[Path, l
     return workdir, changed
 
 
-def _weights_format() -> tuple[str, int]:
-    from converse_jax.weights.checkpoint import FORMAT, FORMAT_VERSION
+_ITEMS = ("params", "opt_state")
 
-    return FORMAT, FORMAT_VERSION
+
+def _signature(tree: Any) -> dict[str, tuple[int, ...]]:
+    """``{dotted path: shape}`` of a tree of arrays, shape structs or orbax array metadata."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _differences(saved: Mapping[str, tuple], expected: Mapping[str, tuple]) -> list[str]:
+    """How a saved tree's signature differs from the expected one (empty when they match)."""
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    reshaped = sorted(f"{k} {saved[k]} instead of {expected[k]}" for k in set(saved) & set(expected)
+                      if saved[k] != expected[k])
+    return [f"{len(keys)} {label}, e.g. {keys[0]}" for label, keys in
+            (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)) if keys]
 
 
 class CheckpointStore:
     """The run's orbax ``CheckpointManager`` (keeps the last ``keep`` steps)."""
 
     def __init__(self, directory: PathLike, keep: int = 3, *, async_save: bool = True) -> None:
-        import orbax.checkpoint as ocp
-
-        self._ocp = ocp
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                                enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+                    "metadata": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> Optional[int]:
         """The last complete checkpoint's step (None when there is none)."""
@@ -105,11 +121,10 @@ class CheckpointStore:
         return self.directory / str(step)
 
     def save(self, step: int, params: Any, opt_state: Any, metadata: Mapping[str, Any]) -> Path:
-        """Save the model state ``params`` (nested by NNX path: parameters and any other
-        variables) and ``opt_state`` at ``step`` (asynchronously by default)."""
-        ocp = self._ocp
-        fmt, version = _weights_format()
-        meta = {"format": fmt, "format_version": version, "step": int(step),
+        """Save the model's full state ``params`` (pure dict, see
+        :func:`converse_jax.train.step.full_state`) and ``opt_state`` at ``step`` (asynchronously by
+        default)."""
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": int(step),
                 "source_file": f"training checkpoint {self.path(step)}", **dict(metadata)}
         self.manager.save(int(step), args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),
@@ -117,10 +132,26 @@ class CheckpointStore:
             metadata=ocp.args.JsonSave(meta)), force=True)
         return self.path(step)
 
+    def check_structure(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> None:
+        """Raise :class:`IncompatibleWorkdirError` unless the saved trees of ``step`` have the paths
+        and shapes of the abstract ones (read from the checkpoint's metadata, no arrays). The message
+        names the first item that differs (the optimizer state follows the parameters)."""
+        saved = self.manager.item_metadata(int(step))
+        for item, abstract in zip(_ITEMS, (abstract_params, abstract_opt_state), strict=True):
+            meta = saved[item] if item in saved else None
+            problems = (["unreadable metadata"] if meta is None else
+                        _differences(_signature(getattr(meta, "tree", meta)), _signature(abstract)))
+            if problems:
+                where = self.path(step)
+                raise IncompatibleWorkdirError(
+                    f"checkpoint {where} does not match the state of this model ({item}: {'; '.join(problems)}), "
+                    f"so the run cannot resume from it: start a new --workdir with --init-from={where} to train "
+                    f"on from its weights")
+
     def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> tuple[Any, Any, dict[str, Any]]:
         """``(params, opt_state, metadata)`` of ``step``; the abstract trees give structure, shapes
-        and shardings."""
-        ocp = self._ocp
+        and shardings, and a checkpoint of another structure is refused (:meth:`check_structure`)."""
+        self.check_structure(step, abstract_params, abstract_opt_state)
         out = self.manager.restore(int(step), args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_params),
             opt_state=ocp.args.StandardRestore(abstract_opt_state),
@@ -151,23 +182,15 @@ def latest_checkpoint(workdir: PathLike) -> Optional[Path]:
 
 def export_params(params: Any, model: str, directory: PathLike, *, metadata: Optional[Mapping[str, Any]] = None,
                   overwrite: bool = False) -> Path:
-    """Write parameters as a standalone converted checkpoint (:func:`converse_jax.weights.save_converted`)
+    """Write a model's weights as a standalone converted checkpoint (:func:`converse_jax.weights.save_converted`)
     that :func:`converse_jax.load_pretrained` and ``experiments.evaluate --weights`` read.
 
-    ``params``: an NNX model (all its variables), or a nested dict of arrays keyed by NNX path
-    (e.g. ``ParamCodec.combine(params, extra)`` of a training state).
+    ``params``: an NNX model (all its variables), or its full state as a pure dict (e.g.
+    ``full_state(state["params"], state["extra"])`` of a training state).
     """
-    from flax import nnx
-
-    from converse_jax.train.step import host_params
-    from converse_jax.weights.checkpoint import package_version, save_converted
-    from converse_jax.weights.convert import path_key
-
     if isinstance(params, nnx.Module):
-        weights = {path_key(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(params))}
-    else:
-        weights = host_params(params)
+        params = nnx.to_pure_dict(nnx.state(params))
     meta = {"model": model, "source_file": "converse_jax.train", "source_sha256": "",
             "converse_jax_version": package_version()}
     meta.update(dict(metadata or {}))
-    return save_converted(directory, weights, meta, overwrite=overwrite)
+    return save_converted(directory, host_params(params), meta, overwrite=overwrite)

@@ -24,13 +24,25 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import jax
 import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
-from converse_jax.train.checkpointing import CheckpointStore, prepare_workdir
+from converse_jax.assets import asset
+from converse_jax.data import make_train_loader, make_val_set
+from converse_jax.degradations import imresize
+from converse_jax.imageio import write_image
+from converse_jax.metrics import psnr
+from converse_jax.models import count_params, create, get_spec
+from converse_jax.train.checkpointing import CheckpointStore, latest_checkpoint, prepare_workdir
 from converse_jax.train.config import TrainConfig
 from converse_jax.train.errors import NonFiniteLossError, TrainConfigError
 from converse_jax.train.parallel import check_batch_size, make_data_mesh, replicate, replicated, shard_batch
-from converse_jax.train.step import (ParamCodec, init_train_state, lr_schedule, make_optimizer, make_predict,
-                                     make_train_step)
+from converse_jax.train.step import (Optimizer, State, TrainState, full_state, init_train_state, make_optimizer,
+                                     make_predict, make_train_step, split_state)
+from converse_jax.weights.convert import assign_weights
+from converse_jax.weights.pretrained import fetch_release, load_weights
 
 __all__ = ["TrainResult", "train", "initial_params", "make_grid", "MetricsLog", "evaluate_command"]
 
@@ -94,45 +106,38 @@ class MetricsLog:
             self._fh = None
 
 
-def initial_params(config: TrainConfig, codec: ParamCodec) -> tuple[tuple[dict, dict], str]:
-    """``((params, extra), description)`` to start from: fresh (``init_from`` None), the released weights
-    (``"pretrained"``: the shared assets' copy if present, else load_pretrained's cache or
+def _init_path(config: TrainConfig) -> Path:
+    """The weights file or checkpoint directory that ``config.init_from`` names."""
+    if config.init_from == "pretrained":
+        release = get_spec(config.model).release
+        if release is None:
+            raise TrainConfigError(f"{config.model} has no released weights: use --init-from=PATH")
+        shared = asset("weights", release.filename)
+        return shared if shared.is_file() else fetch_release(config.model, progress=False)
+    path = Path(config.init_from).expanduser()
+    if not path.exists():
+        raise TrainConfigError(f"--init-from {path} does not exist: pass 'pretrained' or a checkpoint path")
+    if path.is_dir() and not (path / "params").is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise TrainConfigError(f"--init-from {path} is neither a checkpoint nor a training workdir "
+                                   f"with checkpoints")
+        path = found
+    return path
+
+
+def initial_params(config: TrainConfig, model: nnx.Module) -> tuple[tuple[State, State], str]:
+    """``((params, extra), description)`` to start from (see :func:`split_state`): ``model`` as built
+    (``init_from`` None), or ``model`` with the weights ``init_from`` names loaded into it: the released
+    weights (``"pretrained"``: the shared assets' copy if present, else load_pretrained's cache or
     download), or a checkpoint ``PATH`` (.pth, .safetensors, converted or training checkpoint
     directory, or a training workdir: its latest checkpoint)."""
-    from converse_jax.assets import asset
-    from converse_jax.models import create, get_spec
-    from converse_jax.train.checkpointing import latest_checkpoint
-    from converse_jax.weights import assign_weights, load_pretrained, load_weights
-
     if not config.init_from:
-        return (codec.initial(), codec.initial_extra()), f"random initialisation (seed {config.seed})"
-    spec = get_spec(config.model)
-    path: Optional[Path] = None
-    if config.init_from == "pretrained":
-        if spec.release is None:
-            raise TrainConfigError(f"{config.model} has no released weights: use --init-from=PATH")
-        shared = asset("weights", spec.release.filename)
-        path = shared if shared.is_file() else None
-    else:
-        path = Path(config.init_from).expanduser()
-        if not path.exists():
-            raise TrainConfigError(f"--init-from {path} does not exist: pass 'pretrained' or a checkpoint path")
-        if path.is_dir() and not (path / "params").is_dir():
-            found = latest_checkpoint(path)
-            if found is None:
-                raise TrainConfigError(f"--init-from {path} is neither a checkpoint nor a training workdir "
-                                       f"with checkpoints")
-            path = found
-    if config.model_kwargs:
-        model = create(config.model, rngs=0, **config.model_kwargs)
-        weights, meta = load_weights(config.model, path, model) if path is not None else (None, None)
-        if weights is None:
-            raise TrainConfigError("--init-from=pretrained needs the released architecture: drop --arch")
-        assign_weights(model, weights, source=str(path), model_name=config.model)
-    else:
-        model = load_pretrained(config.model, path, progress=False)
-    where = str(path) if path is not None else "the released weights (cache)"
-    return codec.from_model(model), f"weights from {where}"
+        return split_state(model), f"random initialisation (seed {config.seed})"
+    path = _init_path(config)
+    weights, _ = load_weights(config.model, path, model)
+    assign_weights(model, weights, source=str(path), model_name=config.model)
+    return split_state(model), f"weights from {path}"
 
 
 def make_grid(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], gap: int = 2) -> np.ndarray:
@@ -159,10 +164,19 @@ def make_grid(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], gap: int = 
 
 def _upscale_input(inp: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Bicubic upscaling of an SR input to the target's size (the PSNR baseline)."""
-    from converse_jax.degradations import imresize
-
     scale = shape[0] / inp.shape[0]
     return np.asarray(imresize(inp, scale), np.float32)[:shape[0], :shape[1]]
+
+
+def _input_psnr(val_set: list[dict[str, np.ndarray]]) -> float:
+    """Mean PSNR of the validation inputs (SR inputs upscaled) against their targets."""
+    scores = []
+    for item in val_set:
+        inp = item["input"]
+        if inp.shape != item["target"].shape:
+            inp = _upscale_input(inp, item["target"].shape)
+        scores.append(psnr(inp, item["target"]))
+    return float(np.mean(scores))
 
 
 def evaluate_command(model: str, checkpoint: Path) -> str:
@@ -208,9 +222,294 @@ def _close_all(*resources: Any) -> None:
         raise errors[0]
 
 
-def _state_sharding_abstract(state_shapes: Any, mesh: Any) -> Any:
+def _state_sharding_abstract(state_shapes: Any, mesh: Mesh) -> Any:
     rep = replicated(mesh)
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), state_shapes)
+
+
+@dataclasses.dataclass
+class _Setup:
+    """A run ready to step: its model, optimizer and state, and what :func:`_setup` opened."""
+
+    workdir: Path
+    changed: list[str]  # resumable settings changed since the saved run
+    model: nnx.Module
+    mesh: Mesh
+    optimizer: Optimizer
+    store: CheckpointStore
+    loader: Iterator[Mapping[str, np.ndarray]]
+    val_set: list[dict[str, np.ndarray]]
+    state: TrainState
+    start: int
+    origin: str  # where the state comes from, for the first log line
+
+
+def _create_model(config: TrainConfig) -> nnx.Module:
+    try:
+        return create(config.model, rngs=config.seed, **dict(config.model_kwargs))
+    except TypeError as exc:
+        raise TrainConfigError(f"--arch does not fit {config.model}: {exc}") from None
+
+
+def _open_data(config: TrainConfig, start: int, local_batch: int,
+               batches: Optional[BatchSource]) -> tuple[list[dict[str, np.ndarray]], Iterator]:
+    """The validation set and the training batches from ``start`` on."""
+    spec = get_spec(config.model)
+    common = dict(sigma=config.sigma, blur_noise=config.blur_noise, scale=spec.scale, channels=spec.in_channels)
+    val_set = make_val_set(spec.task, config.val_data, count=config.val_count, size=config.val_size, seed=0,
+                           **common)
+    if batches is not None:
+        return val_set, batches(start)
+    loader = make_train_loader(spec.task, config.data, patch_size=config.patch_size, batch_size=local_batch,
+                               seed=config.seed, num_workers=config.num_workers, start_step=start,
+                               shard_index=jax.process_index(), shard_count=jax.process_count(), **common)
+    return val_set, loader
+
+
+def _restore_state(store: CheckpointStore, step: int, model: nnx.Module, optimizer: Optimizer,
+                   mesh: Mesh) -> TrainState:
+    """The train state saved at ``step``, replicated over ``mesh`` (a checkpoint of another structure
+    is refused by :meth:`CheckpointStore.restore`)."""
+    params, extra = split_state(model)
+    shapes = jax.eval_shape(lambda: init_train_state(params, optimizer.tx, extra=extra))
+    abstract = _state_sharding_abstract(shapes, mesh)
+    full, opt_state, _ = store.restore(step, full_state(abstract["params"], abstract["extra"]),
+                                       abstract["opt_state"])
+    params, extra = split_state(nnx.merge(nnx.graphdef(model), full))
+    return {"params": params, "extra": extra, "opt_state": opt_state, "step": replicate(np.int32(step), mesh)}
+
+
+def _setup(config: TrainConfig, batches: Optional[BatchSource], num_devices: Optional[int]) -> _Setup:
+    """Build the model, open the data and the checkpoints, resume or initialise the state.
+
+    Everything that can be wrong with the settings or the data fails before anything is written."""
+    mesh = make_data_mesh(num_devices)
+    local_batch = check_batch_size(config.batch_size, mesh)
+    model = _create_model(config)
+    optimizer = make_optimizer(config)
+    workdir, changed = prepare_workdir(config, write=False)
+    store: Optional[CheckpointStore] = None
+    loader: Any = None
+    try:
+        if (workdir / "checkpoints").is_dir():
+            store = CheckpointStore(workdir / "checkpoints", keep=config.keep)
+        start = (store.latest_step() if store is not None else None) or 0
+        val_set, loader = _open_data(config, start, local_batch, batches)
+        if start:
+            state = _restore_state(store, start, model, optimizer, mesh)
+            origin = f"resumed from {store.path(start)}"
+            if config.init_from:
+                origin += f" (--init-from {config.init_from} ignored: the run already has checkpoints)"
+        else:
+            (params, extra), origin = initial_params(config, model)
+            state = replicate(jax.device_get(init_train_state(params, optimizer.tx, extra=extra)), mesh)
+        prepare_workdir(config, write=True)
+        if store is None:
+            store = CheckpointStore(workdir / "checkpoints", keep=config.keep)
+    except BaseException:
+        _close_all(store, loader)
+        raise
+    return _Setup(workdir=workdir, changed=changed, model=model, mesh=mesh, optimizer=optimizer, store=store,
+                  loader=loader, val_set=val_set, state=state, start=start, origin=origin)
+
+
+def _announce(config: TrainConfig, run: _Setup, say: Callable[[str], None]) -> None:
+    say(f"{config.model}: {count_params(run.model):,} parameters, {run.origin}")
+    say(f"data {config.data} ({get_spec(config.model).task}), global batch {config.batch_size} over "
+        f"{run.mesh.size} {run.mesh.devices.flat[0].platform} device(s) x {jax.process_count()} host(s), "
+        f"patch {config.patch_size}, lr {config.lr:g}, {config.loss}; workdir {run.workdir}")
+    if run.changed:
+        say(f"note: settings changed since the saved run: {', '.join(run.changed)}")
+
+
+@dataclasses.dataclass
+class _Speed:
+    """Step timing: the rate over each logging window, and the mean after the first (compiling) step.
+    Validation and saving do not count."""
+
+    start: int
+    window_step: int = 0
+    window_t0: Optional[float] = None
+    timed_steps: int = 0
+    timed_seconds: float = 0.0
+
+    def step_done(self, step: int, seconds: float) -> None:
+        if step > self.start + 1:  # the first step includes compilation
+            self.timed_steps += 1
+            self.timed_seconds += seconds
+        if self.window_t0 is None:
+            self.window_t0, self.window_step = time.perf_counter(), step
+
+    def window_rate(self, step: int) -> tuple[Optional[float], float]:
+        """``(steps per second since the last call, now)``; starts the next window."""
+        now = time.perf_counter()
+        rate = (step - self.window_step) / (now - self.window_t0) if step > self.window_step else None
+        self.window_t0, self.window_step = now, step
+        return rate, now
+
+    def resume_after(self, step: int) -> None:
+        """Restart the window's clock after the periodic actions of ``step``."""
+        if self.window_t0 is not None and step == self.window_step:
+            self.window_t0 = time.perf_counter()
+
+    def mean(self) -> Optional[float]:
+        return self.timed_steps / self.timed_seconds if self.timed_steps else None
+
+
+class _Session:
+    """The step loop of one :func:`train` call and its periodic actions: log, validate, checkpoint."""
+
+    def __init__(self, config: TrainConfig, run: _Setup, result: TrainResult, *, progress: bool,
+                 say: Callable[[str], None]) -> None:
+        self.config, self.run, self.result, self.progress = config, run, result, progress
+        self.main = jax.process_index() == 0
+        task = get_spec(config.model).task
+        self.train_step = make_train_step(run.model, run.optimizer.tx, task, config.loss, run.mesh)
+        self.predict = make_predict(run.model, task)
+        self.state = run.state
+        self.last_saved: Optional[int] = run.start if run.start else None
+        self.loss: Optional[float] = None  # of the last step
+        self.ema: Optional[float] = None
+        self.speed = _Speed(run.start, window_step=run.start)
+        self.last_print = -math.inf
+        self.write: Callable[[str], None] = say if self.main else (lambda s: None)
+        self.log: Optional[MetricsLog] = None
+        self.tb: Any = None
+        self.bar: Any = None
+        self.show_bar = False
+        self.val_batches: list[dict[str, jax.Array]] = []
+
+    def open_outputs(self) -> None:
+        """The metrics log, TensorBoard, the validation batches and their input PSNR, the progress bar."""
+        run = self.run
+        self.log = MetricsLog(run.workdir / "metrics.jsonl", run.start, enabled=self.main)
+        if self.main:
+            self.tb = SummaryWriter(str(run.workdir / "tensorboard"), purge_step=run.start, flush_secs=30)
+            (run.workdir / "val").mkdir(exist_ok=True)
+        self.val_batches = [replicate({k: v[None] for k, v in item.items()}, run.mesh) for item in run.val_set]
+        self.result.val_psnr_input = _input_psnr(run.val_set)
+        self.show_bar = self.progress and self.main and sys.stderr.isatty()
+        try:
+            width = os.get_terminal_size(sys.stderr.fileno()).columns if self.show_bar else 0
+        except OSError:
+            width = 0
+        # a terminal that reports no width (a bare pty) would get an empty bar: use 100 columns there
+        self.bar = tqdm(total=self.config.steps, initial=run.start, unit="step", desc=self.config.model,
+                        dynamic_ncols=width > 0, ncols=None if width > 0 else 100, disable=not self.show_bar,
+                        file=sys.stderr, smoothing=0.1)
+        if self.show_bar:
+            self.write = lambda s: self.bar.write(s, file=sys.stdout)
+        if self.main:
+            self.write(f"validation PSNR of the inputs: {self.result.val_psnr_input:.2f} dB "
+                       f"({len(run.val_set)} images)")
+
+    def loop(self, interrupt: "_Interrupt") -> int:
+        """Step until ``config.steps`` or an interrupt; returns the number of steps completed."""
+        step = self.run.start
+        while step < self.config.steps:
+            t0 = time.perf_counter()
+            host_batch = self._next_batch(step)
+            new_state, metrics = self.train_step(self.state, shard_batch(host_batch, self.run.mesh))
+            metrics = jax.device_get(metrics)
+            seconds = time.perf_counter() - t0
+            loss = float(metrics["loss"])
+            if not bool(metrics["finite"]):
+                raise self._diverged(loss, step + 1)
+            self.state, step, self.loss = new_state, step + 1, loss
+            self.result.losses.append((step, loss))
+            self.speed.step_done(step, seconds)
+            self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{self.ema:.4g}", refresh=False)
+            self._periodic(step, loss, metrics)
+            if interrupt.requested:
+                if self.last_saved != step:
+                    self.save(step, loss)
+                self.result.interrupted = True
+                self.write(f"{interrupt.requested} received: stopped after step {step}, checkpoint saved")
+                break
+        return step
+
+    def _next_batch(self, step: int) -> Mapping[str, np.ndarray]:
+        try:
+            return next(self.run.loader)
+        except StopIteration:
+            raise TrainDataError(f"the batch source ended at step {step}") from None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # grain re-raises worker errors with their message
+            if self.last_saved != step and step > self.run.start:
+                self.save(step, self.loss)
+            msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise TrainDataError(f"training data failed at step {step + 1}: {msg}") from None
+
+    def _diverged(self, loss: float, step: int) -> NonFiniteLossError:
+        where = (f"the last good checkpoint is step {self.last_saved} ({self.run.store.path(self.last_saved)})"
+                 if self.last_saved is not None else "no checkpoint had been saved yet")
+        return NonFiniteLossError(
+            f"loss became {loss} (or a gradient/parameter non-finite) at step {step}: training stopped and "
+            f"nothing of that step was saved; {where}. Lower --lr (now {self.config.lr:g}) or check the data, "
+            f"then rerun to resume", step, self.last_saved)
+
+    def _periodic(self, step: int, loss: float, metrics: Mapping[str, Any]) -> None:
+        config, last = self.config, step == self.config.steps
+        if step % config.log_every == 0 or last:
+            self._log(step, loss, metrics)
+        if step % config.eval_every == 0 or last:
+            self.result.val_psnr = self.validate(step)
+            self.write(f"step {step}: loss {loss:.5f}, validation PSNR {self.result.val_psnr:.2f} dB "
+                       f"(inputs {self.result.val_psnr_input:.2f} dB)")
+        if step % config.save_every == 0 or last:
+            self.save(step, loss)
+        self.speed.resume_after(step)
+
+    def _log(self, step: int, loss: float, metrics: Mapping[str, Any]) -> None:
+        rate, now = self.speed.window_rate(step)
+        lr = float(self.run.optimizer.schedule(step - 1))
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(metrics["grad_norm"]),
+                  "steps_per_sec": rate, "time": time.time()}
+        self.log.write(record)
+        last = step == self.config.steps
+        if self.progress and self.main and not self.show_bar and (now - self.last_print >= _PRINT_SECONDS or last):
+            self.last_print = now
+            speed = f", {rate:.2f} steps/s" if rate else ""
+            self.write(f"step {step}/{self.config.steps}: loss {loss:.5f} (avg {self.ema:.5f}), lr {lr:g}{speed}")
+        if self.tb is not None:
+            self.tb.add_scalar("train/loss", loss, step)
+            self.tb.add_scalar("train/lr", lr, step)
+            self.tb.add_scalar("train/grad_norm", record["grad_norm"], step)
+            if rate:
+                self.tb.add_scalar("train/steps_per_sec", rate, step)
+
+    def validate(self, step: int) -> float:
+        """Validation PSNR of the current state; on the main host also the grid PNG and the logs."""
+        rows, scores = [], []
+        for item, batch in zip(self.run.val_set, self.val_batches, strict=True):
+            out = np.asarray(self.predict(self.state["params"], self.state["extra"], batch))[0]
+            scores.append(psnr(out, item["target"]))
+            if len(rows) < _GRID_ROWS:
+                rows.append((item["input"], out, item["target"]))
+        value = float(np.mean(scores))
+        if self.main:
+            grid = make_grid(rows)
+            write_image(self.run.workdir / "val" / f"step_{step:07d}.png", grid)
+            self.log.write({"step": step, "val_psnr": value, "val_psnr_input": self.result.val_psnr_input})
+            self.tb.add_scalar("val/psnr", value, step)
+            self.tb.add_image("val/input_output_target", np.clip(grid, 0, 1), step, dataformats="HWC")
+        return value
+
+    def save(self, step: int, loss: Optional[float]) -> None:
+        meta = {"model": self.config.model, "loss": loss, "model_kwargs": dict(self.config.model_kwargs),
+                "config": self.config.to_json()}
+        self.run.store.save(step, full_state(self.state["params"], self.state["extra"]), self.state["opt_state"],
+                            meta)
+        self.last_saved = step
+        self.result.checkpoint = self.run.store.path(step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        _close_all(self.run.store, self.run.loader, self.log, self.tb)
 
 
 def train(config: TrainConfig, *, batches: Optional[BatchSource] = None, progress: bool = True,
@@ -219,229 +518,30 @@ def train(config: TrainConfig, *, batches: Optional[BatchSource] = None, progres
 
     ``batches(start_step)`` replaces the data pipeline (an iterator of host batches from
     ``start_step`` on); ``num_devices`` limits the mesh (default: every device). Raises
-    :class:`TrainConfigError`/``ValueError`` for bad settings or data and
+    :class:`TrainConfigError`/``ValueError`` for bad settings or data,
+    :class:`IncompatibleWorkdirError` for a checkpoint that does not fit the model, and
     :class:`NonFiniteLossError` when the loss diverges. A SIGINT or SIGTERM saves a checkpoint
     and returns with ``interrupted`` set.
     """
-    from converse_jax.data import make_train_loader, make_val_set
-    from converse_jax.metrics import psnr
-    from converse_jax.models import count_params, create, get_spec
-
     config = config.validate()
-    spec = get_spec(config.model)
-    main = jax.process_index() == 0
     say = echo if echo is not None else print
-
-    mesh = make_data_mesh(num_devices)
-    local_batch = check_batch_size(config.batch_size, mesh)
-    try:
-        model = create(config.model, rngs=config.seed, **dict(config.model_kwargs))
-    except TypeError as exc:
-        raise TrainConfigError(f"--arch does not fit {config.model}: {exc}") from None
-    codec = ParamCodec(model)
-    tx = make_optimizer(config)
-    schedule = lr_schedule(config.lr, tuple(config.lr_milestones), config.lr_decay)
-
-    # Everything that can be wrong with the settings or the data fails before anything is written.
-    workdir, changed = prepare_workdir(config, write=False)
-    store: Optional[CheckpointStore] = None
-    loader: Any = None
-    try:
-        if (workdir / "checkpoints").is_dir():
-            store = CheckpointStore(workdir / "checkpoints", keep=config.keep)
-        start = (store.latest_step() if store is not None else None) or 0
-        channels, task = spec.in_channels, spec.task
-        val_set = make_val_set(task, config.val_data, count=config.val_count, size=config.val_size, seed=0,
-                               sigma=config.sigma, blur_noise=config.blur_noise, scale=spec.scale,
-                               channels=channels)
-        if batches is not None:
-            loader = batches(start)
-        else:
-            loader = make_train_loader(task, config.data, patch_size=config.patch_size, batch_size=local_batch,
-                                       seed=config.seed, sigma=config.sigma, blur_noise=config.blur_noise,
-                                       scale=spec.scale, channels=channels, num_workers=config.num_workers,
-                                       start_step=start, shard_index=jax.process_index(),
-                                       shard_count=jax.process_count())
-        if start:
-            shapes = _state_sharding_abstract(
-                jax.eval_shape(lambda: init_train_state(codec.initial(), tx, extra=codec.initial_extra())), mesh)
-            full, opt_state, _ = store.restore(start, codec.combine(shapes["params"], shapes["extra"]),
-                                               shapes["opt_state"])
-            params, extra = codec.separate(full)
-            state = {"params": params, "extra": extra, "opt_state": opt_state,
-                     "step": replicate(np.int32(start), mesh)}
-            origin = f"resumed from {store.path(start)}"
-            if config.init_from:
-                origin += f" (--init-from {config.init_from} ignored: the run already has checkpoints)"
-        else:
-            (params, extra), origin = initial_params(config, codec)
-            state = replicate(jax.device_get(init_train_state(params, tx, extra=extra)), mesh)
-        prepare_workdir(config, write=True)
-        if store is None:
-            store = CheckpointStore(workdir / "checkpoints", keep=config.keep)
-    except BaseException:
-        _close_all(store, loader)
-        raise
-    last_saved: Optional[int] = start if start else None
-
-    result = TrainResult(workdir=workdir, start_step=start, step=start,
-                         checkpoint=store.path(start) if start else None)
+    main = jax.process_index() == 0
+    run = _setup(config, batches, num_devices)
+    result = TrainResult(workdir=run.workdir, start_step=run.start, step=run.start,
+                         checkpoint=run.store.path(run.start) if run.start else None)
     if main:
-        say(f"{config.model}: {count_params(model):,} parameters, {origin}")
-        say(f"data {config.data} ({task}), global batch {config.batch_size} over {mesh.size} "
-            f"{mesh.devices.flat[0].platform} device(s) x {jax.process_count()} host(s), patch {config.patch_size}, "
-            f"lr {config.lr:g}, {config.loss}; workdir {workdir}")
-        if changed:
-            say(f"note: settings changed since the saved run: {', '.join(changed)}")
-    if start >= config.steps:
-        _close_all(store, loader)
+        _announce(config, run, say)
+    if run.start >= config.steps:
+        _close_all(run.store, run.loader)
         if main:
-            say(f"already trained for {start} steps (--steps {config.steps}); nothing to do")
+            say(f"already trained for {run.start} steps (--steps {config.steps}); nothing to do")
         return result
-
-    train_step = make_train_step(codec, tx, task, config.loss, mesh)
-    predict = make_predict(codec, task)
-    log: Optional[MetricsLog] = None
-    tb: Any = None
-    bar: Any = None
-
-    def checkpoint_meta(loss: Optional[float]) -> dict:
-        return {"model": config.model, "loss": loss, "model_kwargs": dict(config.model_kwargs),
-                "config": config.to_json()}
-
-    def validate(step: int) -> float:
-        rows, scores = [], []
-        for item, batch in zip(val_set, val_batches):
-            out = np.asarray(predict(state["params"], state["extra"], batch))[0]
-            scores.append(psnr(out, item["target"]))
-            if len(rows) < _GRID_ROWS:
-                rows.append((item["input"], out, item["target"]))
-        value = float(np.mean(scores))
-        if main:
-            from converse_jax.imageio import write_image
-
-            grid = make_grid(rows)
-            write_image(workdir / "val" / f"step_{step:07d}.png", grid)
-            log.write({"step": step, "val_psnr": value, "val_psnr_input": result.val_psnr_input})
-            tb.add_scalar("val/psnr", value, step)
-            tb.add_image("val/input_output_target", np.clip(grid, 0, 1), step, dataformats="HWC")
-        return value
-
-    def save(step: int, loss: Optional[float]) -> None:
-        nonlocal last_saved
-        store.save(step, codec.combine(state["params"], state["extra"]), state["opt_state"], checkpoint_meta(loss))
-        last_saved = step
-        result.checkpoint = store.path(step)
-
+    session = _Session(config, run, result, progress=progress, say=say)
     try:
-        log = MetricsLog(workdir / "metrics.jsonl", start, enabled=main)
-        if main:
-            from tensorboardX import SummaryWriter
-
-            tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start, flush_secs=30)
-            (workdir / "val").mkdir(exist_ok=True)
-        val_batches = [replicate({k: v[None] for k, v in item.items()}, mesh) for item in val_set]
-        input_psnrs = []
-        for item in val_set:
-            inp = item["input"]
-            if inp.shape != item["target"].shape:
-                inp = _upscale_input(inp, item["target"].shape)
-            input_psnrs.append(psnr(inp, item["target"]))
-        result.val_psnr_input = float(np.mean(input_psnrs))
-
-        from tqdm import tqdm
-
-        show_bar = progress and main and sys.stderr.isatty()
-        try:
-            width = os.get_terminal_size(sys.stderr.fileno()).columns if show_bar else 0
-        except OSError:
-            width = 0
-        # a terminal that reports no width (a bare pty) would get an empty bar: use 100 columns there
-        bar = tqdm(total=config.steps, initial=start, unit="step", desc=config.model, dynamic_ncols=width > 0,
-                   ncols=None if width > 0 else 100, disable=not show_bar, file=sys.stderr, smoothing=0.1)
-        write = (lambda s: bar.write(s, file=sys.stdout)) if show_bar else (say if main else (lambda s: None))
-        if main:
-            write(f"validation PSNR of the inputs: {result.val_psnr_input:.2f} dB ({len(val_set)} images)")
-        step = start
-        loss_value: Optional[float] = None
-        ema: Optional[float] = None
-        window_t0, window_step = None, start
-        timed_steps, timed_seconds = 0, 0.0
-        last_print = -math.inf
+        session.open_outputs()
         with _Interrupt() as interrupt:
-            while step < config.steps:
-                t0 = time.perf_counter()
-                try:
-                    host_batch = next(loader)
-                except StopIteration:
-                    raise TrainDataError(f"the batch source ended at step {step}") from None
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except Exception as exc:  # grain re-raises worker errors with their message
-                    if last_saved != step and step > start:
-                        save(step, loss_value)
-                    msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-                    raise TrainDataError(f"training data failed at step {step + 1}: {msg}") from None
-                new_state, metrics = train_step(state, shard_batch(host_batch, mesh))
-                metrics = jax.device_get(metrics)
-                seconds = time.perf_counter() - t0
-                loss = float(metrics["loss"])
-                if not bool(metrics["finite"]):
-                    where = (f"the last good checkpoint is step {last_saved} ({store.path(last_saved)})"
-                             if last_saved is not None else "no checkpoint had been saved yet")
-                    raise NonFiniteLossError(
-                        f"loss became {loss} (or a gradient/parameter non-finite) at step {step + 1}: training "
-                        f"stopped and nothing of that step was saved; {where}. Lower --lr (now {config.lr:g}) or "
-                        f"check the data, then rerun to resume", step + 1, last_saved)
-                state, step, loss_value = new_state, step + 1, loss
-                result.losses.append((step, loss))
-                if step > start + 1:  # the first step includes compilation
-                    timed_steps += 1
-                    timed_seconds += seconds
-                if window_t0 is None:
-                    window_t0, window_step = time.perf_counter(), step
-                ema = loss if ema is None else 0.9 * ema + 0.1 * loss
-                bar.update(1)
-                bar.set_postfix(loss=f"{ema:.4g}", refresh=False)
-
-                if step % config.log_every == 0 or step == config.steps:
-                    now = time.perf_counter()
-                    rate = (step - window_step) / (now - window_t0) if step > window_step else None
-                    window_t0, window_step = now, step
-                    lr = float(schedule(step - 1))
-                    record = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(metrics["grad_norm"]),
-                              "steps_per_sec": rate, "time": time.time()}
-                    log.write(record)
-                    if progress and main and not show_bar and (now - last_print >= _PRINT_SECONDS
-                                                                 or step == config.steps):
-                        last_print = now
-                        speed = f", {rate:.2f} steps/s" if rate else ""
-                        write(f"step {step}/{config.steps}: loss {loss:.5f} (avg {ema:.5f}), lr {lr:g}{speed}")
-                    if tb is not None:
-                        tb.add_scalar("train/loss", loss, step)
-                        tb.add_scalar("train/lr", lr, step)
-                        tb.add_scalar("train/grad_norm", record["grad_norm"], step)
-                        if rate:
-                            tb.add_scalar("train/steps_per_sec", rate, step)
-                if step % config.eval_every == 0 or step == config.steps:
-                    result.val_psnr = validate(step)
-                    write(f"step {step}: loss {loss:.5f}, validation PSNR {result.val_psnr:.2f} dB "
-                          f"(inputs {result.val_psnr_input:.2f} dB)")
-                if step % config.save_every == 0 or step == config.steps:
-                    save(step, loss)
-                if window_t0 is not None and step == window_step:
-                    window_t0 = time.perf_counter()  # validation and saving do not count in the rate
-                if interrupt.requested:
-                    if last_saved != step:
-                        save(step, loss)
-                    result.interrupted = True
-                    write(f"{interrupt.requested} received: stopped after step {step}, checkpoint saved")
-                    break
+            result.step = session.loop(interrupt)
     finally:
-        if bar is not None:
-            bar.close()
-        _close_all(store, loader, log, tb)
-    result.step = step
-    if timed_steps:
-        result.steps_per_sec = timed_steps / timed_seconds
+        session.close()
+    result.steps_per_sec = session.speed.mean()
     return result

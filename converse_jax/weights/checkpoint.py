@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Mapping, Union
 
 import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from converse_jax.weights.convert import PathKey, path_key
 from converse_jax.weights.errors import CheckpointFormatError
@@ -71,31 +73,21 @@ def make_metadata(model: str, source: PathLike, sha256: str | None = None) -> di
 
 
 def _nest(weights: Mapping[PathKey, np.ndarray]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in weights.items():
-        key = path_key(path)
-        node = tree
-        for part in key[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"path {'.'.join(key)} collides with a leaf")
-        node[key[-1]] = np.asarray(value)
-    return tree
+    """``{path: array}`` -> nested dicts with string keys (a path that is also another's prefix is an error)."""
+    flat = {path_key(path): np.asarray(value) for path, value in weights.items()}
+    prefixes = {key[:i] for key in flat for i in range(1, len(key))}
+    clash = sorted(prefixes & set(flat))
+    if clash:
+        raise ValueError(f"path {'.'.join(clash[0])} is both a weight and a group of weights")
+    return traverse_util.unflatten_dict(flat)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: PathKey = ()) -> dict[PathKey, np.ndarray]:
-    out: dict[PathKey, np.ndarray] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (str(k),)))
-        else:
-            out[prefix + (str(k),)] = np.asarray(v)
-    return out
+def _flatten(tree: Mapping[str, Any]) -> dict[PathKey, np.ndarray]:
+    return {path_key(path): np.asarray(value) for path, value in traverse_util.flatten_dict(tree).items()}
 
 
-def _checkpointer():
-    import orbax.checkpoint as ocp
-    return ocp, ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+def _checkpointer() -> ocp.Checkpointer:
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
 def is_converted_checkpoint(directory: PathLike) -> bool:
@@ -111,7 +103,7 @@ def read_metadata(directory: PathLike) -> dict[str, Any]:
     if not is_converted_checkpoint(directory):
         raise CheckpointFormatError(f"{directory} is not a converted converse_jax checkpoint "
                                     f"(expected sub-directories params/ and metadata/)")
-    ocp, ckptr = _checkpointer()
+    ckptr = _checkpointer()
     try:
         out = ckptr.restore(directory, ocp.args.Composite(metadata=ocp.args.JsonRestore()))
     except Exception as exc:  # orbax raises many types for damaged directories
@@ -147,7 +139,7 @@ def save_converted(directory: PathLike, weights: Mapping[PathKey, np.ndarray],
     directory.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     tmp = directory.parent / f".{directory.name}.tmp-{tag}"
-    ocp, ckptr = _checkpointer()
+    ckptr = _checkpointer()
     try:
         ckptr.save(tmp, ocp.args.Composite(params=ocp.args.PyTreeSave(_nest(weights)),
                                            metadata=ocp.args.JsonSave(meta)))
@@ -172,7 +164,7 @@ def load_converted(directory: PathLike) -> tuple[dict[PathKey, np.ndarray], dict
     """Read a converted checkpoint: ``({NNX path: numpy array}, metadata)``."""
     directory = Path(directory).expanduser().absolute()
     meta = read_metadata(directory)
-    ocp, ckptr = _checkpointer()
+    ckptr = _checkpointer()
     try:
         out = ckptr.restore(directory, ocp.args.Composite(params=ocp.args.PyTreeRestore()))
     except Exception as exc:

@@ -16,10 +16,15 @@ import urllib.request
 from pathlib import Path
 from typing import Any, BinaryIO, Optional, Union
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
 
+from converse_jax import models
 from converse_jax.weights.checkpoint import (is_converted_checkpoint, load_converted,
-                                             make_metadata, sha256_file)
+                                             make_metadata, save_converted, sha256_file)
 from converse_jax.weights.convert import PathKey, assign_weights, convert_state_dict
 from converse_jax.weights.errors import (ChecksumMismatchError, WeightMismatchError,
                                          WeightsUnavailableError)
@@ -50,8 +55,6 @@ def _open_url(url: str, timeout: float = 60.0) -> BinaryIO:
 
 
 def _spec(name: str) -> Any:
-    from converse_jax import models
-
     names = list(models.list_models())
     if name not in names:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(names)}")
@@ -98,8 +101,6 @@ def fetch_release(name: str, *, cache: Optional[PathLike] = None, download: bool
 
 
 def _download(url: str, target: Path, sha256: str, *, progress: bool) -> None:
-    from tqdm.auto import tqdm
-
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
                                     suffix=".part")
     tmp = Path(tmp_name)
@@ -194,12 +195,6 @@ def load_pretrained(name: str, path: Optional[PathLike] = None, *, dtype: Any = 
     release file from the cache (downloaded into it if missing, see :func:`fetch_release`).
     ``dtype``: float32 (default) or float64 (needs ``jax_enable_x64``).
     """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from converse_jax import models
-
     dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
@@ -219,11 +214,6 @@ def convert_checkpoint(name: str, weights: PathLike, out: PathLike, *,
                        overwrite: bool = False) -> Path:
     """Convert a PyTorch ``.pth``/``.safetensors`` checkpoint of model ``name`` into an orbax
     checkpoint directory ``out`` (metadata: model, source file name and SHA-256, version)."""
-    from flax import nnx
-
-    from converse_jax import models
-    from converse_jax.weights.checkpoint import save_converted
-
     _spec(name)
     weights = Path(weights).expanduser()
     if weights.is_dir():
