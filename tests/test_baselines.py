@@ -228,11 +228,11 @@ def test_train_step_and_evaluate(name, tmp_path):
     model = M.create(name, rngs=nnx.Rngs(0), **overrides)
     if name.startswith("msrresnet"):
         assert (model.upsamplers is None) == (name == "msrresnet")  # pixel shuffle vs Converse2D x2
-    codec = T.ParamCodec(model)
-    tx = T.make_optimizer(T.config_from_spec(name, lr=1e-2, lr_milestones=()))
+    params, extra = T.split_state(model)
+    tx = T.make_optimizer(T.config_from_spec(name, lr=1e-2, lr_milestones=())).tx
     mesh = T.make_data_mesh(1)
-    state = T.replicate(T.init_train_state(codec.initial(), tx, extra=codec.initial_extra()), mesh)
-    train_step = T.make_train_step(codec, tx, spec.task, "l1", mesh)
+    state = T.replicate(T.init_train_state(params, tx, extra=extra), mesh)
+    train_step = T.make_train_step(model, tx, spec.task, "l1", mesh)
     scale = overrides.get("upscale", spec.scale)
     batch = T.shard_batch(_batch(spec, np.random.default_rng(6), scale), mesh)
     losses = []
@@ -241,14 +241,14 @@ def test_train_step_and_evaluate(name, tmp_path):
         assert bool(metrics["finite"])
         losses.append(float(metrics["loss"]))
     assert losses[-1] < losses[0]
-    before = jax.tree_util.tree_leaves(codec.initial())
+    before = jax.tree_util.tree_leaves(params)
     after = jax.tree_util.tree_leaves(state["params"])
     assert sum(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(before, after)) > len(before) // 2
     if name == "dncnn_original":  # BatchNorm running statistics travel in the state's "extra"
-        mean0 = codec.initial_extra()["norms"]["0"]["mean"]
-        assert not np.allclose(np.asarray(state["extra"]["norms"]["0"]["mean"]), np.asarray(mean0))
+        mean0 = extra["norms"][0]["mean"]
+        assert not np.allclose(np.asarray(state["extra"]["norms"][0]["mean"]), np.asarray(mean0))
 
-    trained = codec.merge(state["params"], state["extra"])  # evaluation mode
+    trained = nnx.merge(nnx.graphdef(T.mode_view(model, False)), state["params"], state["extra"])  # evaluation mode
     protocol = spec.protocol
     if spec.task.uses_kernels:
         require_asset("blur_kernels", "kernel_1.npy")

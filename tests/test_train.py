@@ -159,7 +159,7 @@ def test_training_view_uses_batch_statistics_and_unrolls_the_blocks():
     state = replicate(init_train_state(params, tx, extra=extra), mesh)
     batch = shard_batch(_fixed_batch("dncnn"), mesh)
     step_hlo = make_train_step(model, tx, "denoise", "l1", mesh).lower(state, batch).as_text()
-    predict_hlo = make_predict(model, "denoise").lower(params, extra, batch).as_text()
+    predict_hlo = make_predict(model, "denoise").lower((params, extra), batch).as_text()
     assert "stablehlo.while" not in step_hlo and "stablehlo.while" in predict_hlo  # lax.scan lowers to a while
 
 

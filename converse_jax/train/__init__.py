@@ -19,7 +19,7 @@ from converse_jax.train.errors import IncompatibleWorkdirError, NonFiniteLossErr
 from converse_jax.train.loop import TrainDataError, TrainResult, evaluate_command, make_grid, train
 from converse_jax.train.parallel import (batch_sharding, check_batch_size, enable_compilation_cache, make_data_mesh,
                                          replicate, replicated, setup_distributed, shard_batch)
-from converse_jax.train.step import (Optimizer, apply_model, full_state, host_params, init_train_state, loss_value,
+from converse_jax.train.step import (Optimizer, full_state, host_params, init_train_state, loss_value,
                                      lr_schedule, make_optimizer, make_predict, make_train_step, mode_view,
                                      split_state)
 
@@ -32,7 +32,6 @@ __all__ = [
     "TrainConfigError",
     "TrainDataError",
     "TrainResult",
-    "apply_model",
     "batch_sharding",
     "check_batch_size",
     "check_compatible",

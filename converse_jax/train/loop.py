@@ -485,7 +485,7 @@ class _Session:
         """Validation PSNR of the current state; on the main host also the grid PNG and the logs."""
         rows, scores = [], []
         for item, batch in zip(self.run.val_set, self.val_batches, strict=True):
-            out = np.asarray(self.predict(self.state["params"], self.state["extra"], batch))[0]
+            out = np.asarray(self.predict((self.state["params"], self.state["extra"]), batch))[0]
             scores.append(psnr(out, item["target"]))
             if len(rows) < _GRID_ROWS:
                 rows.append((item["input"], out, item["target"]))

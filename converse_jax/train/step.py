@@ -21,6 +21,7 @@ import optax
 from flax import nnx, traverse_util
 from jax.sharding import Mesh
 
+from converse_jax.tasks import Task, get_task, jit_forward
 from converse_jax.train.parallel import batch_sharding, replicated
 from converse_jax.weights.convert import PathKey, path_key
 
@@ -32,7 +33,6 @@ __all__ = [
     "lr_schedule",
     "make_optimizer",
     "loss_value",
-    "apply_model",
     "init_train_state",
     "make_train_step",
     "make_predict",
@@ -100,13 +100,6 @@ def loss_value(output: jax.Array, target: jax.Array, kind: str) -> jax.Array:
     raise ValueError(f"unknown loss {kind!r}: expected l1 or l2")
 
 
-def apply_model(model: nnx.Module, batch: Mapping[str, jax.Array], task: str) -> jax.Array:
-    """Run ``model`` on a batch of ``task`` (Converse-USRNet also takes the blur kernels)."""
-    if task == "deblur_nonblind":
-        return model(batch["input"], batch["kernel"], sf=1)
-    return model(batch["input"])
-
-
 def init_train_state(params: State, tx: optax.GradientTransformation, step: int = 0,
                      extra: Optional[State] = None) -> TrainState:
     """``{"params", "extra", "opt_state", "step"}`` for fresh (or imported) parameters
@@ -120,7 +113,7 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
 
 
-def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, task: str, loss: str,
+def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, task: Task | str, loss: str,
                     mesh: Mesh) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
     """``step(state, batch) -> (new_state, metrics)`` for ``model``'s architecture (its training
     view, :func:`mode_view`), compiled with ``jax.jit``.
@@ -132,10 +125,11 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, task: s
     is false.
     """
     graphdef = nnx.graphdef(mode_view(model, True))
+    task = get_task(task)
 
     def loss_fn(params: State, extra: State, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, State]:
         trained = nnx.merge(graphdef, params, extra)
-        value = loss_value(apply_model(trained, batch, task), batch["target"], loss)
+        value = loss_value(task.forward(trained, batch), batch["target"], loss)
         return value, split_state(trained)[1]
 
     def step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
@@ -150,15 +144,10 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, task: s
     return jax.jit(step, in_shardings=(rep, data), out_shardings=(rep, rep))
 
 
-def make_predict(model: nnx.Module, task: str) -> Callable[..., jax.Array]:
-    """``predict(params, extra, batch) -> output`` of ``model``'s architecture in evaluation mode,
-    compiled with ``jax.jit``."""
-    graphdef = nnx.graphdef(mode_view(model, False))
-
-    def predict(params: State, extra: State, batch: Mapping[str, jax.Array]) -> jax.Array:
-        return apply_model(nnx.merge(graphdef, params, extra), batch, task)
-
-    return jax.jit(predict)
+def make_predict(model: nnx.Module, task: Task | str) -> Callable[..., jax.Array]:
+    """``predict((params, extra), batch) -> output`` of ``model``'s architecture in evaluation mode
+    (:func:`mode_view`): the task's compiled forward, :func:`converse_jax.tasks.jit_forward`."""
+    return jit_forward(get_task(task), nnx.graphdef(mode_view(model, False)))
 
 
 def host_params(state: State) -> dict[PathKey, np.ndarray]:
