@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import numpy as np
 from scipy import ndimage
@@ -88,7 +89,7 @@ def modcrop(img: np.ndarray, scale: int) -> np.ndarray:
     return img[:hc, :wc]
 
 
-def _generator(rng: RandomLike) -> Union[np.random.RandomState, np.random.Generator]:
+def _generator(rng: RandomLike) -> np.random.RandomState | np.random.Generator:
     if rng is None:
         return np.random.default_rng()
     if isinstance(rng, (np.random.RandomState, np.random.Generator)):
@@ -157,7 +158,7 @@ def paper_kernel(index: int) -> np.ndarray:
     return np.load(path)
 
 
-def parse_level_range(value: Union[str, float, Sequence[float]], name: str = "sigma") -> tuple[float, float]:
+def parse_level_range(value: str | float | Sequence[float], name: str = "sigma") -> tuple[float, float]:
     """A noise level or range on the 0..255 scale as ``(low, high)``.
 
     ``25``, ``"25"`` -> ``(25.0, 25.0)``; ``"0,50"``, ``(0, 50)`` -> ``(0.0, 50.0)``. Raises

@@ -17,8 +17,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 from flax import nnx
@@ -56,7 +57,7 @@ class DatasetInfo:
 
     name: str
     title: str
-    bundled: Optional[tuple[str, ...]]
+    bundled: tuple[str, ...] | None
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -69,7 +70,7 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
-def dataset_dir(name: str, data_dir: Optional[Union[str, Path]] = None) -> Path:
+def dataset_dir(name: str, data_dir: str | Path | None = None) -> Path:
     """The folder of test set ``name``: ``data_dir`` if given, else the bundled copy.
 
     Raises ValueError for an unknown name, a set that is not bundled when no ``data_dir`` is
@@ -92,8 +93,8 @@ def dataset_dir(name: str, data_dir: Optional[Union[str, Path]] = None) -> Path:
     return path
 
 
-def resolve_protocol(spec: Any, *, dataset: Optional[str] = None, sigma: Optional[float] = None,
-                     kernels: Optional[Sequence[int]] = None, border: Optional[int] = None) -> Any:
+def resolve_protocol(spec: Any, *, dataset: str | None = None, sigma: float | None = None,
+                     kernels: Sequence[int] | None = None, border: int | None = None) -> Any:
     """The model's paper protocol (``spec.protocol``) with the given fields overridden."""
     proto = spec.protocol
     changes: dict[str, Any] = {}
@@ -119,7 +120,7 @@ def resolve_protocol(spec: Any, *, dataset: Optional[str] = None, sigma: Optiona
     return dataclasses.replace(proto, **changes) if changes else proto
 
 
-def paper_value(protocol: Any, dataset: str, kernel: Optional[int] = None) -> Optional[float]:
+def paper_value(protocol: Any, dataset: str, kernel: int | None = None) -> float | None:
     """The paper's table entry for ``dataset`` (and deblurring ``kernel``), if it has one."""
     table = getattr(protocol, "paper", None) or {}
     value = None
@@ -147,7 +148,7 @@ def get_model_spec(name: str) -> Any:
     return get_spec(name)
 
 
-def load_model(name: str, weights: Optional[Union[str, Path]] = None) -> tuple[Any, Any]:
+def load_model(name: str, weights: str | Path | None = None) -> tuple[Any, Any]:
     """(model with weights, spec) for ``name``.
 
     ``weights``: a checkpoint path; without it the released file in the shared assets
@@ -155,7 +156,7 @@ def load_model(name: str, weights: Optional[Union[str, Path]] = None) -> tuple[A
     (which downloads the release on first use).
     """
     spec = get_model_spec(name)
-    path: Optional[Path] = None
+    path: Path | None = None
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.exists():
@@ -181,14 +182,14 @@ class Restorer:
     (and its compilations) across updates.
     """
 
-    def __init__(self, model: Any, task: Optional[Task] = None) -> None:
+    def __init__(self, model: Any, task: Task | None = None) -> None:
         if task is not None and not isinstance(task, Task):
             raise ValueError(f"Restorer's task must be a converse_jax.tasks.Task (the model's spec.task), got {task!r}")
         self.model = model
         self.task = task if task is not None else DENOISE  # any task whose network takes the image alone
         self._forward = jit_forward(self.task, model)
 
-    def _run(self, x: np.ndarray, kernel: Optional[np.ndarray], sf: int) -> np.ndarray:
+    def _run(self, x: np.ndarray, kernel: np.ndarray | None, sf: int) -> np.ndarray:
         batch = {"input": np.ascontiguousarray(x[None], dtype=np.float32)}
         if self.task.takes_kernel:
             if kernel is None:
@@ -199,7 +200,7 @@ class Restorer:
         # current weights: a training loop may reuse this object
         return np.asarray(self._forward(nnx.state(self.model), batch, sf=int(sf))[0])
 
-    def __call__(self, x: np.ndarray, kernel: Optional[np.ndarray] = None, sf: int = 1,
+    def __call__(self, x: np.ndarray, kernel: np.ndarray | None = None, sf: int = 1,
                  x8: bool = False) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 3:
@@ -223,8 +224,8 @@ class ImageResult:
     image: str
     psnr: float
     ssim: float
-    psnr_y: Optional[float] = None
-    ssim_y: Optional[float] = None
+    psnr_y: float | None = None
+    ssim_y: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {"image": self.image, "psnr": self.psnr, "ssim": self.ssim}
@@ -239,8 +240,8 @@ class RunResult:
     """One pass over a dataset (one kernel for deblurring)."""
 
     per_image: list[ImageResult]
-    kernel: Optional[int] = None
-    paper: Optional[float] = None
+    kernel: int | None = None
+    paper: float | None = None
 
     @property
     def average(self) -> dict[str, float]:
@@ -302,10 +303,10 @@ class EvalReport:
             lines.append(f"  {'image':<{width}}  " + "  ".join(f"{c:>8}" for c in cols))
             for r in run.per_image:
                 vals = [r.psnr, r.ssim] + ([r.psnr_y, r.ssim_y] if has_y else [])
-                lines.append(f"  {r.image:<{width}}  " + "  ".join(_fmt(c, v) for c, v in zip(cols, vals)))
+                lines.append(f"  {r.image:<{width}}  " + "  ".join(_fmt(c, v) for c, v in zip(cols, vals, strict=False)))
             avg = run.average
             vals = [avg["psnr"], avg["ssim"]] + ([avg["psnr_y"], avg["ssim_y"]] if has_y else [])
-            line = f"  {'average':<{width}}  " + "  ".join(_fmt(c, v) for c, v in zip(cols, vals))
+            line = f"  {'average':<{width}}  " + "  ".join(_fmt(c, v) for c, v in zip(cols, vals, strict=False))
             if run.paper is not None:
                 label = "Y-PSNR" if self.metric_key == "psnr_y" else "PSNR"
                 line += f"   (paper {label}: {run.paper:.2f} dB)"
@@ -327,7 +328,7 @@ def _fmt(col: str, v: float) -> str:
 # The evaluation loop
 
 
-def load_test_images(folder: Union[str, Path], color: str) -> list[tuple[str, np.ndarray]]:
+def load_test_images(folder: str | Path, color: str) -> list[tuple[str, np.ndarray]]:
     """All images of ``folder`` as (file name, uint8 (H, W, C)), read up front.
 
     Raises :class:`~converse_jax.imageio.ImageError` (a ValueError) naming the first file that
@@ -336,11 +337,11 @@ def load_test_images(folder: Union[str, Path], color: str) -> list[tuple[str, np
     return [(p.name, read_image(p, color=color)) for p in list_images(folder)]
 
 
-def evaluate(model: Any, spec: Any, images: Union[str, Path, Sequence[tuple[str, np.ndarray]]], *,
-             protocol: Any = None, dataset: Optional[str] = None, x8: bool = False,
-             save_dir: Optional[Union[str, Path]] = None, progress: bool = True,
-             restorer: Optional[Restorer] = None,
-             on_image: Optional[Callable[[ImageResult], None]] = None) -> EvalReport:
+def evaluate(model: Any, spec: Any, images: str | Path | Sequence[tuple[str, np.ndarray]], *,
+             protocol: Any = None, dataset: str | None = None, x8: bool = False,
+             save_dir: str | Path | None = None, progress: bool = True,
+             restorer: Restorer | None = None,
+             on_image: Callable[[ImageResult], None] | None = None) -> EvalReport:
     """Run the test protocol of ``spec`` (or ``protocol``) with ``model`` on ``images``.
 
     ``images``: a folder or a list of (name, uint8 (H, W, C)) ground truths in the protocol's
@@ -358,7 +359,7 @@ def evaluate(model: Any, spec: Any, images: Union[str, Path, Sequence[tuple[str,
     save_path = Path(save_dir) if save_dir is not None else None
     if save_path is not None:
         save_path.mkdir(parents=True, exist_ok=True)
-    kernel_ids: list[Optional[int]] = (list(protocol.kernels) or [1, 2, 3, 4, 5]) if spec.task.uses_kernels else [None]
+    kernel_ids: list[int | None] = (list(protocol.kernels) or [1, 2, 3, 4, 5]) if spec.task.uses_kernels else [None]
     runs = []
     for kid in kernel_ids:
         desc = f"{spec.name} {dataset}" + (f" k{kid}" if kid is not None else "")
@@ -376,8 +377,8 @@ def evaluate(model: Any, spec: Any, images: Union[str, Path, Sequence[tuple[str,
     return EvalReport(spec.name, dataset, spec.task, protocol, runs, x8=x8)
 
 
-def _score_image(restorer: Restorer, task: Task, protocol: Any, name: str, hr: np.ndarray, kid: Optional[int],
-                 x8: bool, save_path: Optional[Path]) -> ImageResult:
+def _score_image(restorer: Restorer, task: Task, protocol: Any, name: str, hr: np.ndarray, kid: int | None,
+                 x8: bool, save_path: Path | None) -> ImageResult:
     """Degrade one ground truth (with paper kernel ``kid``), restore it, score it, save it."""
     kernel = D.paper_kernel(kid) if kid is not None else None
     gt, lq = task.protocol_pair(hr, protocol, kernel)
@@ -419,7 +420,7 @@ def check_restore_options(spec: Any, has_kernel: bool, sf: int) -> None:
 
 
 def restore_array(restorer: Restorer, spec: Any, img: np.ndarray, *,
-                  kernel: Optional[np.ndarray] = None, sf: int = 1, x8: bool = False) -> np.ndarray:
+                  kernel: np.ndarray | None = None, sf: int = 1, x8: bool = False) -> np.ndarray:
     """Restore a uint8 image (H, W, 1 or 3) with the model of ``spec``; returns uint8.
 
     The output keeps the input's mode: a gray model restores each channel of an RGB image

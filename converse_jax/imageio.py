@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -145,7 +145,7 @@ def write_image(path: PathLike, img: np.ndarray) -> Path:
     return path
 
 
-def list_images(folder: PathLike, extensions: Optional[tuple[str, ...]] = None) -> list[Path]:
+def list_images(folder: PathLike, extensions: tuple[str, ...] | None = None) -> list[Path]:
     """Image files directly in ``folder`` (by extension), sorted by name.
 
     Raises :class:`ImageError` if the folder does not exist, is not a folder, or holds no image.

@@ -13,8 +13,6 @@ JAX setting is left untouched).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import dm_pix as pix
 import jax
 import jax.numpy as jnp
@@ -100,7 +98,7 @@ def rgb_to_y(img: np.ndarray) -> np.ndarray:
 
 
 def image_metrics(restored: np.ndarray, reference: np.ndarray, border: int = 0,
-                  y_channel: Optional[bool] = None) -> dict[str, float]:
+                  y_channel: bool | None = None) -> dict[str, float]:
     """``{"psnr", "ssim"}`` and, for RGB images, ``{"psnr_y", "ssim_y"}`` too.
 
     ``y_channel`` defaults to True for 3-channel images and must be False for gray ones.

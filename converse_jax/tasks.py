@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
 
 import jax
 import numpy as np
@@ -73,7 +74,7 @@ class Degradation:
     kernel_size: int = KERNEL_SIZE
 
     @classmethod
-    def make(cls, sigma: Level = (25.0, 25.0), blur_noise: Level = (0.0, 2.55), scale: int = 1) -> "Degradation":
+    def make(cls, sigma: Level = (25.0, 25.0), blur_noise: Level = (0.0, 2.55), scale: int = 1) -> Degradation:
         """Settings from user values: levels as for :func:`~converse_jax.degradations.parse_level_range`."""
         if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or scale < 1:
             raise ValueError(f"scale must be a positive integer, got {scale!r}")
@@ -105,7 +106,7 @@ class Task:
         """``{"input", "target"[, "kernel"]}`` for a clean float32 patch (H, W, C) in [0, 1]."""
         raise NotImplementedError
 
-    def protocol_pair(self, hr: np.ndarray, protocol: Any, kernel: Optional[np.ndarray] = None,
+    def protocol_pair(self, hr: np.ndarray, protocol: Any, kernel: np.ndarray | None = None,
                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(ground truth uint8 after modcrop, network input float32) for one test image, as the
         reference's test script makes it (noise seeded with ``seed`` per image)."""
@@ -159,7 +160,7 @@ class Denoising(Task):
     def train_sample(self, target: np.ndarray, rng: np.random.Generator, settings: Degradation) -> dict[str, np.ndarray]:
         return {"target": target, "input": D.add_noise(target, rng.uniform(*settings.sigma), rng)}
 
-    def protocol_pair(self, hr: np.ndarray, protocol: Any, kernel: Optional[np.ndarray] = None,
+    def protocol_pair(self, hr: np.ndarray, protocol: Any, kernel: np.ndarray | None = None,
                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         gt = D.modcrop(_check_ground_truth(hr), max(1, protocol.modcrop))
         return gt, D.add_noise(D.to_float(gt), protocol.sigma, rng=seed)
@@ -185,7 +186,7 @@ class SuperResolution(Task):
         h, w = target.shape[0] // s, target.shape[1] // s
         return {"target": target, "input": np.ascontiguousarray(lr[:h, :w], dtype=np.float32)}
 
-    def protocol_pair(self, hr: np.ndarray, protocol: Any, kernel: Optional[np.ndarray] = None,
+    def protocol_pair(self, hr: np.ndarray, protocol: Any, kernel: np.ndarray | None = None,
                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         scale = int(protocol.scale)
         crop = max(1, protocol.modcrop)
@@ -216,7 +217,7 @@ class BlindDeblurring(Task):
             out["kernel"] = kernel
         return out
 
-    def protocol_pair(self, hr: np.ndarray, protocol: Any, kernel: Optional[np.ndarray] = None,
+    def protocol_pair(self, hr: np.ndarray, protocol: Any, kernel: np.ndarray | None = None,
                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         if kernel is None:
             raise ValueError(f"the {self.label} protocol needs a blur kernel")
@@ -245,7 +246,7 @@ TASKS: tuple[Task, ...] = (DENOISE, SR, DEBLUR, DEBLUR_NONBLIND)
 _BY_NAME = {t.name: t for t in TASKS}
 
 
-def get_task(task: Union[Task, str]) -> Task:
+def get_task(task: Task | str) -> Task:
     """The task object of ``task`` (a Task, returned as is, or its name)."""
     if isinstance(task, Task):
         return task
@@ -255,7 +256,7 @@ def get_task(task: Union[Task, str]) -> Task:
         raise ValueError(f"unknown task {task!r}: expected one of {', '.join(_BY_NAME)}") from None
 
 
-def jit_forward(task: Task, model: Union[nnx.Module, nnx.GraphDef]) -> Callable[..., jax.Array]:
+def jit_forward(task: Task, model: nnx.Module | nnx.GraphDef) -> Callable[..., jax.Array]:
     """``fn(state, batch, sf=1)``: ``task.forward`` of the network rebuilt from ``state``, under ``jax.jit``.
 
     ``model`` is a network (only its graph definition is kept) or its ``nnx.GraphDef``.

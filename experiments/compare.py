@@ -25,16 +25,26 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional, Sequence
+from typing import Any, NoReturn
 
 from flax import nnx
 
 from converse_jax import evaluation as E
 from converse_jax.fileio import write_json_atomic
 from converse_jax.models import count_params, create, get_spec, list_models
-from converse_jax.train import (IncompatibleWorkdirError, NonFiniteLossError, TrainConfigError, TrainDataError,
-                                config_from_spec, parse_int_list, parse_model_kwargs, parse_range, train)
+from converse_jax.train import (
+    IncompatibleWorkdirError,
+    NonFiniteLossError,
+    TrainConfigError,
+    TrainDataError,
+    config_from_spec,
+    parse_int_list,
+    parse_model_kwargs,
+    parse_range,
+    train,
+)
 from converse_jax.weights import assign_weights, load_weights
 from experiments._cli import one_line
 
@@ -96,7 +106,7 @@ def parse_models(text: str) -> list[str]:
     return names
 
 
-def parse_test_sets(text: Optional[str], default: str) -> list[tuple[str, Optional[str]]]:
+def parse_test_sets(text: str | None, default: str) -> list[tuple[str, str | None]]:
     """``"set12,bsd68=/data/BSD68"`` -> ``[("set12", None), ("bsd68", "/data/BSD68")]``."""
     if text is None or not text.strip():
         return [(default, None)]
@@ -155,12 +165,12 @@ def check_architectures(configs: Sequence[Any]) -> dict[str, int]:
 # Results
 
 
-def read_val_curve(workdir: Path) -> tuple[list[tuple[int, float]], Optional[float]]:
+def read_val_curve(workdir: Path) -> tuple[list[tuple[int, float]], float | None]:
     """``([(step, validation PSNR)], PSNR of the validation inputs)`` from a training workdir's
     ``metrics.jsonl`` (the last record of each step counts)."""
     path = Path(workdir) / "metrics.jsonl"
     points: dict[int, float] = {}
-    inputs: Optional[float] = None
+    inputs: float | None = None
     if not path.is_file():
         return [], None
     for line in path.read_text().splitlines():
@@ -261,7 +271,7 @@ def plot_curves(summary: dict[str, Any], path: Path) -> None:
     for row in summary["models"]:
         curve = row.get("val_curve") or []
         if curve:
-            steps, values = zip(*curve)
+            steps, values = zip(*curve, strict=False)
             ax.plot(steps, values, marker="o", markersize=3, label=row["model"])
     if summary.get("val_psnr_input") is not None:
         ax.axhline(summary["val_psnr_input"], color="gray", linestyle="--", linewidth=1, label="input")
@@ -280,7 +290,7 @@ def plot_curves(summary: dict[str, Any], path: Path) -> None:
 # The comparison
 
 
-def run_comparison(configs: Sequence[Any], test_sets: Sequence[tuple[str, Optional[str]]], out: Path, *,
+def run_comparison(configs: Sequence[Any], test_sets: Sequence[tuple[str, str | None]], out: Path, *,
                    progress: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Train every config (resuming), evaluate its last checkpoint, write the table, JSON and plot.
 
@@ -342,7 +352,7 @@ def run_comparison(configs: Sequence[Any], test_sets: Sequence[tuple[str, Option
     return summary
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     err = sys.stderr
     try:

@@ -16,14 +16,26 @@ import dataclasses
 import importlib
 import os
 import sys
-from typing import Any, NoReturn, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 import jax
 
 from converse_jax.models import list_models
-from converse_jax.train import (IncompatibleWorkdirError, NonFiniteLossError, TrainConfigError, TrainDataError,
-                                config_from_spec, enable_compilation_cache, evaluate_command, parse_int_list,
-                                parse_model_kwargs, parse_range, setup_distributed, train)
+from converse_jax.train import (
+    IncompatibleWorkdirError,
+    NonFiniteLossError,
+    TrainConfigError,
+    TrainDataError,
+    config_from_spec,
+    enable_compilation_cache,
+    evaluate_command,
+    parse_int_list,
+    parse_model_kwargs,
+    parse_range,
+    setup_distributed,
+    train,
+)
 from experiments._cli import one_line
 
 PROG = "python -m experiments.train"
@@ -124,7 +136,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return dataclasses.replace(cfg, **over).validate()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     err = sys.stderr

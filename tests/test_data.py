@@ -28,7 +28,7 @@ def take(it, n):
 
 def assert_batches_equal(a, b):
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         assert x.keys() == y.keys()
         for k in x:
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
@@ -247,13 +247,13 @@ def test_sr_input_is_bicubic_of_target():
     from converse_jax.degradations import imresize
 
     b = take(loader("sr", patch_size=32, batch_size=2), 1)[0]
-    for lr, hr in zip(b["input"], b["target"]):
+    for lr, hr in zip(b["input"], b["target"], strict=False):
         np.testing.assert_allclose(lr, imresize(hr, 0.25), atol=1e-6)
 
 
 def test_deblur_input_is_circular_blur_of_target():
     b = take(loader("deblur_nonblind", blur_noise=(0, 0), batch_size=3), 1)[0]
-    for x, y, k in zip(b["input"], b["target"], b["kernel"]):
+    for x, y, k in zip(b["input"], b["target"], b["kernel"], strict=False):
         np.testing.assert_allclose(x, blur(y, k), atol=1e-6)
     # circular: a shifted image blurs to the shifted blur
     y, k = b["target"][0], b["kernel"][0]

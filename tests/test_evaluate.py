@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import require_asset
 from converse_jax import degradations as D
 from converse_jax import evaluation as E
 from converse_jax import metrics as M
 from converse_jax.imageio import ImageError, read_image, write_image
 from converse_jax.models.spec import EvalProtocol
 from converse_jax.tasks import DEBLUR, DEBLUR_NONBLIND, DENOISE, SR
-from conftest import require_asset
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -129,7 +129,7 @@ def test_evaluate_loop_with_identity_network(tmp_path):
     report = E.evaluate(Gain(), spec, images, progress=False, save_dir=tmp_path / "out", on_image=seen.append)
     run = report.runs[0]
     assert [r.image for r in run.per_image] == ["a.png", "b.png"] and len(seen) == 2
-    for (name, img), r in zip(images, run.per_image):
+    for (name, img), r in zip(images, run.per_image, strict=False):
         noisy = D.to_uint8(D.add_noise(D.to_float(img), 25.0, rng=0))
         assert r.psnr == pytest.approx(M.psnr(noisy, img), abs=1e-12)
         assert r.ssim == pytest.approx(M.ssim(noisy, img), abs=1e-12)
@@ -154,7 +154,7 @@ def test_evaluate_deblur_runs_each_kernel_and_reports_per_kernel(tmp_path):
     d = report.to_dict()
     assert [r["kernel"] for r in d["kernels"]] == [1, 2]
     assert [r["paper"] for r in d["kernels"]] == [1.0, 2.0]
-    for entry, kid in zip(d["kernels"], (1, 2)):
+    for entry, kid in zip(d["kernels"], (1, 2), strict=False):
         kernel = D.paper_kernel(kid)
         gt, lq = DEBLUR_NONBLIND.protocol_pair(hr, proto, kernel)
         # The stand-in blurs again with the same kernel: recompute its output independently.

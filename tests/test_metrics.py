@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from conftest import require_asset
 from converse_jax import degradations as D
 from converse_jax import metrics as M
 from converse_jax.imageio import read_image
-from conftest import require_asset
 
 # One entry per task: gray denoising, x4 SR (with Y channel), blind and non-blind deblurring.
 ENTRIES = [

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import require_asset
 
 REPO = Path(__file__).resolve().parent.parent

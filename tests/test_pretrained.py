@@ -18,10 +18,20 @@ from flax import nnx
 
 from conftest import require_asset
 from converse_jax.models.spec import Release
-from converse_jax.weights import (ChecksumMismatchError, WeightMismatchError,
-                                  WeightsUnavailableError, assign_weights, convert_state_dict,
-                                  load_converted, load_pretrained, load_torch_state_dict,
-                                  make_metadata, read_metadata, save_converted, to_jax_layout)
+from converse_jax.weights import (
+    ChecksumMismatchError,
+    WeightMismatchError,
+    WeightsUnavailableError,
+    assign_weights,
+    convert_state_dict,
+    load_converted,
+    load_pretrained,
+    load_torch_state_dict,
+    make_metadata,
+    read_metadata,
+    save_converted,
+    to_jax_layout,
+)
 from converse_jax.weights import pretrained as pretrained_mod
 
 REPO = Path(__file__).resolve().parent.parent

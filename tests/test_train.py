@@ -18,15 +18,34 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import require_asset
 from flax import nnx
 
+from conftest import require_asset
 from converse_jax.data import make_train_loader
 from converse_jax.models import create, get_spec, list_models
-from converse_jax.train import (CheckpointStore, IncompatibleWorkdirError, NonFiniteLossError, Optimizer, TrainConfig,
-                                config_from_spec, export_params, full_state, host_params, init_train_state,
-                                make_data_mesh, make_optimizer, make_predict, make_train_step, mode_view,
-                                prepare_workdir, replicate, replicated, shard_batch, split_state, train)
+from converse_jax.train import (
+    CheckpointStore,
+    IncompatibleWorkdirError,
+    NonFiniteLossError,
+    Optimizer,
+    TrainConfig,
+    config_from_spec,
+    export_params,
+    full_state,
+    host_params,
+    init_train_state,
+    make_data_mesh,
+    make_optimizer,
+    make_predict,
+    make_train_step,
+    mode_view,
+    prepare_workdir,
+    replicate,
+    replicated,
+    shard_batch,
+    split_state,
+    train,
+)
 from converse_jax.train import loop as loop_module
 
 # load_converted reads the arrays back to the host without a sharding: intended here

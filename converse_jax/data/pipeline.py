@@ -23,7 +23,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
-from typing import Any, Iterator, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import Any, Union
 
 import grain
 import numpy as np
@@ -120,7 +121,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         self._it = it
         self.step = start_step
 
-    def __iter__(self) -> "BatchIterator":
+    def __iter__(self) -> BatchIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -134,7 +135,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         if close is not None:
             close()
 
-    def __enter__(self) -> "BatchIterator":
+    def __enter__(self) -> BatchIterator:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -160,7 +161,7 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 def make_train_loader(
     task: TaskLike,
-    source: "str | ImageSource | None",
+    source: str | ImageSource | None,
     *,
     patch_size: int,
     batch_size: int,
@@ -204,7 +205,7 @@ def make_train_loader(
     if isinstance(src, EmbeddedSource):
         src = dataclasses.replace(src, size=patch_size)
     elif isinstance(src, FolderSource):
-        for f, (h, w) in zip(src.files, src.sizes):
+        for f, (h, w) in zip(src.files, src.sizes, strict=False):
             if h < patch_size or w < patch_size:
                 raise ValueError(
                     f"image file {f} is {h}x{w}, smaller than the {patch_size}-pixel training patch; "
@@ -242,7 +243,7 @@ def make_sample(
 
 def make_val_set(
     task: TaskLike,
-    source: "str | ImageSource | None" = None,
+    source: str | ImageSource | None = None,
     *,
     count: int = 8,
     size: int = 96,

@@ -318,7 +318,7 @@ class TfdsSource:
 # ----------------------------------------------------------------------------------------
 
 
-def parse_source(spec: "str | ImageSource | None") -> ImageSource:
+def parse_source(spec: str | ImageSource | None) -> ImageSource:
     """Turn a data spec into a source.
 
     ``None`` or ``"embedded"``: the embedded dead-leaves images; ``"folder:PATH"``: image files

@@ -10,7 +10,8 @@ called, trained and tested, so a new Task is needed only for a new kind of resto
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal, Optional
+from collections.abc import Callable
+from typing import Any, Literal
 
 from converse_jax.tasks import Task
 
@@ -69,9 +70,9 @@ class ModelSpec:
     out_channels: int
     scale: int
     build: Callable[..., Any]  # build(*, rngs, **overrides) -> nnx.Module
-    num_params: Optional[int]  # the count the tests pin
-    torch_key_to_path: Optional[Callable[[str], tuple]]  # PyTorch state-dict key -> NNX state path
-    release: Optional[Release]
+    num_params: int | None  # the count the tests pin
+    torch_key_to_path: Callable[[str], tuple] | None  # PyTorch state-dict key -> NNX state path
+    release: Release | None
     recipe: TrainRecipe
     protocol: EvalProtocol
 

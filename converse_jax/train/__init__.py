@@ -13,15 +13,39 @@ checkpoint: ``converse_jax.load_pretrained(name, that_dir)`` loads it.
 """
 
 from converse_jax.train.checkpointing import CheckpointStore, export_params, latest_checkpoint, prepare_workdir
-from converse_jax.train.config import (TrainConfig, check_compatible, config_from_spec, parse_int_list,
-                                       parse_model_kwargs, parse_range)
+from converse_jax.train.config import (
+                                       TrainConfig,
+                                       check_compatible,
+                                       config_from_spec,
+                                       parse_int_list,
+                                       parse_model_kwargs,
+                                       parse_range,
+)
 from converse_jax.train.errors import IncompatibleWorkdirError, NonFiniteLossError, TrainConfigError
 from converse_jax.train.loop import TrainDataError, TrainResult, evaluate_command, make_grid, train
-from converse_jax.train.parallel import (batch_sharding, check_batch_size, enable_compilation_cache, make_data_mesh,
-                                         replicate, replicated, setup_distributed, shard_batch)
-from converse_jax.train.step import (Optimizer, full_state, host_params, init_train_state, loss_value,
-                                     lr_schedule, make_optimizer, make_predict, make_train_step, mode_view,
-                                     split_state)
+from converse_jax.train.parallel import (
+                                       batch_sharding,
+                                       check_batch_size,
+                                       enable_compilation_cache,
+                                       make_data_mesh,
+                                       replicate,
+                                       replicated,
+                                       setup_distributed,
+                                       shard_batch,
+)
+from converse_jax.train.step import (
+                                       Optimizer,
+                                       full_state,
+                                       host_params,
+                                       init_train_state,
+                                       loss_value,
+                                       lr_schedule,
+                                       make_optimizer,
+                                       make_predict,
+                                       make_train_step,
+                                       mode_view,
+                                       split_state,
+)
 
 __all__ = [
     "CheckpointStore",

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Union
 
 import jax
 import orbax.checkpoint as ocp
@@ -44,7 +45,7 @@ __all__ = [
 PathLike = Union[str, os.PathLike]
 
 
-def load_saved_config(workdir: Path) -> Optional[dict[str, Any]]:
+def load_saved_config(workdir: Path) -> dict[str, Any] | None:
     """The config saved in ``workdir`` (None when there is none)."""
     path = workdir / CONFIG_FILE
     if not path.is_file():
@@ -110,7 +111,7 @@ class CheckpointStore:
                     "metadata": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
-    def latest_step(self) -> Optional[int]:
+    def latest_step(self) -> int | None:
         """The last complete checkpoint's step (None when there is none)."""
         return self.manager.latest_step()
 
@@ -167,7 +168,7 @@ class CheckpointStore:
         self.manager.close()
 
 
-def latest_checkpoint(workdir: PathLike) -> Optional[Path]:
+def latest_checkpoint(workdir: PathLike) -> Path | None:
     """The newest complete checkpoint directory of a training workdir (None if there is none)."""
     directory = Path(workdir).expanduser().absolute() / "checkpoints"
     if not directory.is_dir():
@@ -180,7 +181,7 @@ def latest_checkpoint(workdir: PathLike) -> Optional[Path]:
         store.manager.close()
 
 
-def export_params(params: Any, model: str, directory: PathLike, *, metadata: Optional[Mapping[str, Any]] = None,
+def export_params(params: Any, model: str, directory: PathLike, *, metadata: Mapping[str, Any] | None = None,
                   overwrite: bool = False) -> Path:
     """Write a model's weights as a standalone converted checkpoint (:func:`converse_jax.weights.save_converted`)
     that :func:`converse_jax.load_pretrained` and ``experiments.evaluate --weights`` read.

@@ -7,8 +7,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 from converse_jax.degradations import parse_level_range
 from converse_jax.models import get_spec, list_models
@@ -53,16 +54,16 @@ class TrainConfig:
     scale: int = 1
     seed: int = 0
     data: str = "embedded"
-    val_data: Optional[str] = None
+    val_data: str | None = None
     val_count: int = 8
     val_size: int = 96
-    workdir: Optional[str] = None
+    workdir: str | None = None
     eval_every: int = 2000
     save_every: int = 2000
     log_every: int = 10
     keep: int = 3
     num_workers: int = 0
-    init_from: Optional[str] = None
+    init_from: str | None = None
     model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     source: str = ""
 
@@ -70,7 +71,7 @@ class TrainConfig:
         """The working directory as an absolute path."""
         return Path(self.workdir if self.workdir else Path("runs") / self.model).expanduser().absolute()
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Check every field; a bad one raises :class:`TrainConfigError` naming the flag."""
         if self.model not in list_models():
             raise TrainConfigError(f"unknown model {self.model!r}: choose one of {', '.join(list_models())}")
@@ -105,7 +106,7 @@ class TrainConfig:
         return json.loads(json.dumps(out))
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "TrainConfig":
+    def from_json(cls, data: Mapping[str, Any]) -> TrainConfig:
         """Inverse of :meth:`to_json` (unknown keys are ignored, missing ones take defaults)."""
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in data.items() if k in names}

@@ -15,7 +15,7 @@ class NonFiniteLossError(RuntimeError):
     """The loss (or the updated parameters) became NaN or infinite; nothing after the last good
     checkpoint was saved."""
 
-    def __init__(self, message: str, step: int, last_checkpoint: "int | None") -> None:
+    def __init__(self, message: str, step: int, last_checkpoint: int | None) -> None:
         super().__init__(message)
         self.step = step
         self.last_checkpoint = last_checkpoint

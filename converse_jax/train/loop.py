@@ -19,8 +19,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -39,8 +40,17 @@ from converse_jax.train.checkpointing import CheckpointStore, latest_checkpoint,
 from converse_jax.train.config import TrainConfig
 from converse_jax.train.errors import NonFiniteLossError, TrainConfigError
 from converse_jax.train.parallel import check_batch_size, make_data_mesh, replicate, replicated, shard_batch
-from converse_jax.train.step import (Optimizer, State, TrainState, full_state, init_train_state, make_optimizer,
-                                     make_predict, make_train_step, split_state)
+from converse_jax.train.step import (
+    Optimizer,
+    State,
+    TrainState,
+    full_state,
+    init_train_state,
+    make_optimizer,
+    make_predict,
+    make_train_step,
+    split_state,
+)
 from converse_jax.weights.convert import assign_weights
 from converse_jax.weights.pretrained import fetch_release, load_weights
 
@@ -62,12 +72,12 @@ class TrainResult:
     workdir: Path
     start_step: int
     step: int  # steps completed
-    checkpoint: Optional[Path]  # the last checkpoint written (or found)
+    checkpoint: Path | None  # the last checkpoint written (or found)
     interrupted: bool = False
     losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
-    val_psnr: Optional[float] = None
-    val_psnr_input: Optional[float] = None
-    steps_per_sec: Optional[float] = None
+    val_psnr: float | None = None
+    val_psnr_input: float | None = None
+    steps_per_sec: float | None = None
 
 
 class MetricsLog:
@@ -188,7 +198,7 @@ class _Interrupt:
     """First SIGINT/SIGTERM: finish the step, save, stop. A second SIGINT aborts at once."""
 
     def __init__(self) -> None:
-        self.requested: Optional[str] = None
+        self.requested: str | None = None
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
@@ -196,7 +206,7 @@ class _Interrupt:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
 
-    def __enter__(self) -> "_Interrupt":
+    def __enter__(self) -> _Interrupt:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handler)
@@ -252,7 +262,7 @@ def _create_model(config: TrainConfig) -> nnx.Module:
 
 
 def _open_data(config: TrainConfig, start: int, local_batch: int,
-               batches: Optional[BatchSource]) -> tuple[list[dict[str, np.ndarray]], Iterator]:
+               batches: BatchSource | None) -> tuple[list[dict[str, np.ndarray]], Iterator]:
     """The validation set and the training batches from ``start`` on."""
     spec = get_spec(config.model)
     common = dict(sigma=config.sigma, blur_noise=config.blur_noise, scale=spec.scale, channels=spec.in_channels)
@@ -279,7 +289,7 @@ def _restore_state(store: CheckpointStore, step: int, model: nnx.Module, optimiz
     return {"params": params, "extra": extra, "opt_state": opt_state, "step": replicate(np.int32(step), mesh)}
 
 
-def _setup(config: TrainConfig, batches: Optional[BatchSource], num_devices: Optional[int]) -> _Setup:
+def _setup(config: TrainConfig, batches: BatchSource | None, num_devices: int | None) -> _Setup:
     """Build the model, open the data and the checkpoints, resume or initialise the state.
 
     Everything that can be wrong with the settings or the data fails before anything is written."""
@@ -288,7 +298,7 @@ def _setup(config: TrainConfig, batches: Optional[BatchSource], num_devices: Opt
     model = _create_model(config)
     optimizer = make_optimizer(config)
     workdir, changed = prepare_workdir(config, write=False)
-    store: Optional[CheckpointStore] = None
+    store: CheckpointStore | None = None
     loader: Any = None
     try:
         if (workdir / "checkpoints").is_dir():
@@ -329,7 +339,7 @@ class _Speed:
 
     start: int
     window_step: int = 0
-    window_t0: Optional[float] = None
+    window_t0: float | None = None
     timed_steps: int = 0
     timed_seconds: float = 0.0
 
@@ -340,7 +350,7 @@ class _Speed:
         if self.window_t0 is None:
             self.window_t0, self.window_step = time.perf_counter(), step
 
-    def window_rate(self, step: int) -> tuple[Optional[float], float]:
+    def window_rate(self, step: int) -> tuple[float | None, float]:
         """``(steps per second since the last call, now)``; starts the next window."""
         now = time.perf_counter()
         rate = (step - self.window_step) / (now - self.window_t0) if step > self.window_step else None
@@ -352,7 +362,7 @@ class _Speed:
         if self.window_t0 is not None and step == self.window_step:
             self.window_t0 = time.perf_counter()
 
-    def mean(self) -> Optional[float]:
+    def mean(self) -> float | None:
         return self.timed_steps / self.timed_seconds if self.timed_steps else None
 
 
@@ -367,13 +377,13 @@ class _Session:
         self.train_step = make_train_step(run.model, run.optimizer.tx, task, config.loss, run.mesh)
         self.predict = make_predict(run.model, task)
         self.state = run.state
-        self.last_saved: Optional[int] = run.start if run.start else None
-        self.loss: Optional[float] = None  # of the last step
-        self.ema: Optional[float] = None
+        self.last_saved: int | None = run.start if run.start else None
+        self.loss: float | None = None  # of the last step
+        self.ema: float | None = None
         self.speed = _Speed(run.start, window_step=run.start)
         self.last_print = -math.inf
         self.write: Callable[[str], None] = say if self.main else (lambda s: None)
-        self.log: Optional[MetricsLog] = None
+        self.log: MetricsLog | None = None
         self.tb: Any = None
         self.bar: Any = None
         self.show_bar = False
@@ -403,7 +413,7 @@ class _Session:
             self.write(f"validation PSNR of the inputs: {self.result.val_psnr_input:.2f} dB "
                        f"({len(run.val_set)} images)")
 
-    def loop(self, interrupt: "_Interrupt") -> int:
+    def loop(self, interrupt: _Interrupt) -> int:
         """Step until ``config.steps`` or an interrupt; returns the number of steps completed."""
         step = self.run.start
         while step < self.config.steps:
@@ -498,7 +508,7 @@ class _Session:
             self.tb.add_image("val/input_output_target", np.clip(grid, 0, 1), step, dataformats="HWC")
         return value
 
-    def save(self, step: int, loss: Optional[float]) -> None:
+    def save(self, step: int, loss: float | None) -> None:
         meta = {"model": self.config.model, "loss": loss, "model_kwargs": dict(self.config.model_kwargs),
                 "config": self.config.to_json()}
         self.run.store.save(step, full_state(self.state["params"], self.state["extra"]), self.state["opt_state"],
@@ -512,8 +522,8 @@ class _Session:
         _close_all(self.run.store, self.run.loader, self.log, self.tb)
 
 
-def train(config: TrainConfig, *, batches: Optional[BatchSource] = None, progress: bool = True,
-          num_devices: Optional[int] = None, echo: Optional[Callable[[str], None]] = None) -> TrainResult:
+def train(config: TrainConfig, *, batches: BatchSource | None = None, progress: bool = True,
+          num_devices: int | None = None, echo: Callable[[str], None] | None = None) -> TrainResult:
     """Train ``config.model``; resume from the workdir's latest checkpoint if there is one.
 
     ``batches(start_step)`` replaces the data pipeline (an iterator of host batches from

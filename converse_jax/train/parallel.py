@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -32,7 +32,7 @@ _COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 _initialized = False
 
 
-def multihost_requested(flag: Optional[bool] = None) -> bool:
+def multihost_requested(flag: bool | None = None) -> bool:
     """Whether to call ``jax.distributed.initialize()``: ``flag`` if given, else whether
     ``$JAX_COORDINATOR_ADDRESS`` is set."""
     if flag is not None:
@@ -40,7 +40,7 @@ def multihost_requested(flag: Optional[bool] = None) -> bool:
     return bool(os.environ.get(_COORDINATOR_ENV))
 
 
-def setup_distributed(multihost: Optional[bool] = None, **kwargs: Any) -> bool:
+def setup_distributed(multihost: bool | None = None, **kwargs: Any) -> bool:
     """Join a multi-host run when asked to (see :func:`multihost_requested`); ``kwargs`` go to
     ``jax.distributed.initialize`` (coordinator_address, num_processes, process_id), which
     otherwise detects them from the cluster environment (SLURM, Open MPI, Cloud TPU, ...).
@@ -56,7 +56,7 @@ def setup_distributed(multihost: Optional[bool] = None, **kwargs: Any) -> bool:
     return True
 
 
-def make_data_mesh(num_devices: Optional[int] = None) -> Mesh:
+def make_data_mesh(num_devices: int | None = None) -> Mesh:
     """A 1-D mesh named ``"data"`` over the first ``num_devices`` devices (default: all of them,
     across hosts). Axis type Auto: the compiler propagates the shardings."""
     count = jax.device_count() if num_devices is None else int(num_devices)
@@ -105,7 +105,7 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     return out
 
 
-def enable_compilation_cache(path: Optional[str] = None) -> Optional[Path]:
+def enable_compilation_cache(path: str | None = None) -> Path | None:
     """Keep compiled XLA programs on disk so that a restarted run skips compilation.
 
     ``path`` (default ``$CONVERSE_JAX_COMPILE_CACHE``, else ``~/.cache/converse_jax/xla``);

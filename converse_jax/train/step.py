@@ -12,7 +12,8 @@ converted weight checkpoints (:mod:`converse_jax.weights.checkpoint`) hold, so
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -101,7 +102,7 @@ def loss_value(output: jax.Array, target: jax.Array, kind: str) -> jax.Array:
 
 
 def init_train_state(params: State, tx: optax.GradientTransformation, step: int = 0,
-                     extra: Optional[State] = None) -> TrainState:
+                     extra: State | None = None) -> TrainState:
     """``{"params", "extra", "opt_state", "step"}`` for fresh (or imported) parameters
     (``params, extra = split_state(model)``)."""
     return {"params": params, "extra": {} if extra is None else extra, "opt_state": tx.init(params),

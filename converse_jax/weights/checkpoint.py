@@ -14,8 +14,9 @@ import importlib.metadata
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Union
 
 import numpy as np
 import orbax.checkpoint as ocp

@@ -14,7 +14,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, BinaryIO, Optional, Union
+from typing import Any, BinaryIO, Union
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +23,15 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from converse_jax import models
-from converse_jax.weights.checkpoint import (is_converted_checkpoint, load_converted,
-                                             make_metadata, save_converted, sha256_file)
+from converse_jax.weights.checkpoint import (
+    is_converted_checkpoint,
+    load_converted,
+    make_metadata,
+    save_converted,
+    sha256_file,
+)
 from converse_jax.weights.convert import PathKey, assign_weights, convert_state_dict
-from converse_jax.weights.errors import (ChecksumMismatchError, WeightMismatchError,
-                                         WeightsUnavailableError)
+from converse_jax.weights.errors import ChecksumMismatchError, WeightMismatchError, WeightsUnavailableError
 from converse_jax.weights.reader import load_torch_state_dict
 
 __all__ = [
@@ -66,7 +70,7 @@ def _where_to_put(release: Any, target: Path) -> str:
             f"or pass path= to a .pth, .safetensors or converted checkpoint")
 
 
-def fetch_release(name: str, *, cache: Optional[PathLike] = None, download: bool = True,
+def fetch_release(name: str, *, cache: PathLike | None = None, download: bool = True,
                   progress: bool = True) -> Path:
     """The released checkpoint of model ``name`` in the cache, downloading it if absent.
 
@@ -149,7 +153,7 @@ class _Release:
         self.sha256 = sha256
 
 
-def _content_length(response: Any) -> Optional[int]:
+def _content_length(response: Any) -> int | None:
     headers = getattr(response, "headers", None)
     value = headers.get("Content-Length") if headers is not None else None
     try:
@@ -185,8 +189,8 @@ def load_weights(name: str, path: PathLike, model: Any) -> tuple[dict[PathKey, n
     return weights, make_metadata(name, path)
 
 
-def load_pretrained(name: str, path: Optional[PathLike] = None, *, dtype: Any = None,
-                    cache: Optional[PathLike] = None, download: bool = True,
+def load_pretrained(name: str, path: PathLike | None = None, *, dtype: Any = None,
+                    cache: PathLike | None = None, download: bool = True,
                     progress: bool = True) -> Any:
     """The NNX model ``name`` (``dncnn``, ``srresnet``, ``conversenet``, ``usrnet``) with its
     released (or given) weights.
