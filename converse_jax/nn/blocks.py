@@ -81,8 +81,9 @@ class BlockStack(nnx.Module):
                  scan_blocks: bool = True, rngs: nnx.Rngs):
         """``make_block(rngs)`` builds one block; it is traced once under ``nnx.vmap``, so it must build
         blocks of one structure and use only ``rngs`` for randomness."""
-        if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 0:
+        if isinstance(num_blocks, bool) or not hasattr(num_blocks, "__index__") or num_blocks < 0:
             raise ValueError(f"num_blocks must be an integer >= 0, got {num_blocks!r}")
+        num_blocks = int(num_blocks)
         self.num_blocks = num_blocks
         self.scan_blocks = scan_blocks
 
@@ -114,6 +115,7 @@ class BlockStack(nnx.Module):
         return nnx.merge(graphdef, _slice(state, index))
 
     def _run(self, h: jax.Array, method: str) -> jax.Array:
+        """The blocks' ``method`` on ``h`` in order; non-parameter state they update is written back."""
         graphdef, params, rest = nnx.split(self.layers, nnx.Param, ...)
         run = self._scan if self.scan_blocks else self._unrolled
         h, rest = run(graphdef, params, rest, h, method)
@@ -128,6 +130,8 @@ class BlockStack(nnx.Module):
         return getattr(block, method)(h), nnx.state(block, nnx.Not(nnx.Param))
 
     def _scan(self, graphdef: Any, params: Any, rest: Any, h: jax.Array, method: str) -> tuple[jax.Array, Any]:
+        """One ``lax.scan`` over the stacked variables: ``h`` carried, updated state stacked as outputs."""
+
         def step(carry: jax.Array, xs: tuple[Any, Any]) -> tuple[jax.Array, Any]:
             return self._apply(graphdef, *xs, carry, method)
 
@@ -135,6 +139,7 @@ class BlockStack(nnx.Module):
 
     def _unrolled(self, graphdef: Any, params: Any, rest: Any, h: jax.Array,
                   method: str) -> tuple[jax.Array, Any]:
+        """A Python loop over static slices (``a[i]``) of the stacked variables."""
         updated = []
         for i in range(self.num_blocks):
             h, new = self._apply(graphdef, *_slice((params, rest), i), h, method)
