@@ -16,9 +16,10 @@ from benchmarks.alt_blocks import _gelu, _pw, block_apply
 _LAYOUT = "nchw"
 
 
-def _blocks(blocks: Any, h: jax.Array) -> jax.Array:
-    for blk in blocks:
-        h = block_apply(blk, h, _LAYOUT)
+def _blocks(stack: Any, h: jax.Array) -> jax.Array:
+    """The blocks of a :class:`converse_jax.nn.BlockStack`, one after the other."""
+    for i in range(stack.num_blocks):
+        h = block_apply(stack.block(i), h, _LAYOUT)
     return h
 
 

@@ -42,7 +42,7 @@ def _conv(cin, cout, k, bias=True):
 # ----------------------------------------------------------------------------------------------------
 # Parameter counts at full size (abstract init, no forward pass)
 
-# PAPER.md §5 (DnCNN table) and §3 (released checkpoints); the others from the architectures' arithmetic.
+# The paper's DnCNN table and the released checkpoints; the others from the architectures' arithmetic.
 _MSR_BODY = _conv(3, 64, 3) + 16 * 2 * _conv(64, 64, 3) + _conv(64, 64, 3) + _conv(64, 3, 3)
 EXPECTED = {
     "dncnn_original": 557_057,
@@ -151,8 +151,8 @@ def test_layer_arguments_are_checked():
 
 def test_baseline_init_is_truncated_normal_and_zero_bias():
     model = M.create("dncnn_conv", **TINY)
-    kernel = np.asarray(model.body[0].mixer.conv.kernel[...])  # 5 x 5 x 1 x 16 draws
-    assert np.all(np.asarray(model.body[0].mixer.conv.bias[...]) == 0)
+    kernel = np.asarray(model.body.block(0).mixer.conv.kernel[...])  # 5 x 5 x 1 x 16 draws
+    assert np.all(np.asarray(model.body.block(0).mixer.conv.bias[...]) == 0)
     assert 0.015 < kernel.std() < 0.025 and np.abs(kernel).max() <= 2 * 0.02 / 0.87962566 + 1e-6
 
 

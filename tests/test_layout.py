@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from converse_jax.models import create
-from converse_jax.nn import ConverseBlock, ScanBlocksView, apply_channels_first, layer_norm, pointwise, run_blocks
+from converse_jax.models import create, get_spec
+from converse_jax.nn import BlockStack, ConverseBlock, apply_channels_first, layer_norm, pointwise
 from converse_jax.ops import PADDING_MODES, converse2d, converse2d_channels_first, pad_planes
 from converse_jax.train.step import mode_view
+from converse_jax.weights import WeightMismatchError, assign_weights, convert_state_dict
+from converse_jax.weights.convert import path_key, stack_legacy_blocks
 
 _NP_MODE = {"circular": "wrap", "reflect": "reflect", "replicate": "edge", "constant": "constant"}
 
@@ -117,25 +119,168 @@ def test_scan_reduces_the_compiled_memory_of_a_deep_network():
     assert temp[True] < temp[False] / 2, temp
 
 
+def _stacks(model):
+    return [node for _, node in nnx.iter_graph(model) if isinstance(node, BlockStack)]
+
+
 def test_training_view_unrolls_and_evaluation_view_scans():
-    for name in ("dncnn", "srresnet", "conversenet", "usrnet"):
+    for name in ("dncnn", "srresnet", "conversenet", "usrnet", "msrresnet"):
         model = create(name, rngs=nnx.Rngs(0), num_blocks=2)
-        assert isinstance(model, ScanBlocksView) and model.scan_blocks
-        assert not mode_view(model, True).scan_blocks
-        assert mode_view(model, False).scan_blocks
-        assert model.scan_blocks  # the view is a copy
+        assert len(_stacks(model)) == 1 and _stacks(model)[0].scan_blocks
+        assert not any(s.scan_blocks for s in _stacks(mode_view(model, True)))
+        assert all(s.scan_blocks for s in _stacks(mode_view(model, False)))
+        assert _stacks(model)[0].scan_blocks  # the view is a copy
+        assert not _stacks(create(name, rngs=nnx.Rngs(0), num_blocks=2, scan_blocks=False))[0].scan_blocks
 
 
-def test_blocks_with_mutable_state_are_not_scanned():
+def test_blocks_are_stored_stacked_with_one_draw_per_block():
+    model = create("dncnn", rngs=nnx.Rngs(0), num_blocks=3, features=4)
+    paths = {tuple(str(k) for k in p) for p, _ in nnx.to_flat_state(nnx.state(model))}
+    assert model.body.num_blocks == 3 and ("body", "layers", "mixer", "weight") in paths
+    assert not any(p[:2] == ("body", "0") for p in paths)
+    weight = np.asarray(model.body.layers.mixer.weight[...])
+    assert weight.shape == (3, 7, 7, 8)
+    assert not np.allclose(weight[0], weight[1]) and not np.allclose(weight[1], weight[2])
+    block = model.body.block(2)
+    assert isinstance(block, ConverseBlock)
+    np.testing.assert_array_equal(block.mixer.weight[...], weight[2])
+    with pytest.raises(IndexError, match="block index 3 out of range for 3 blocks"):
+        model.body.block(3)
+    with pytest.raises(ValueError, match="num_blocks must be an integer >= 0"):
+        BlockStack(-1, lambda r: pointwise(2, 2, rngs=r), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_a_stack_runs_its_blocks_in_order_and_writes_back_mutable_state(scan):
     class Counting(nnx.Module):
-        def __init__(self):
-            self.calls = nnx.Variable(jnp.zeros(()))  # not a Param: a scan could not update it
+        def __init__(self, rngs):
+            self.calls = nnx.Variable(jnp.zeros(()))  # not a Param: updated by every call
+            self.scale = nnx.Param(jax.random.uniform(rngs.params(), ()) + 1)
 
         def channels_first(self, h):
             self.calls[...] += 1
-            return h + 1
+            return h * self.scale[...] + 1
 
-    blocks = [Counting(), Counting()]
-    out = run_blocks(blocks, jnp.zeros((1, 1, 2, 2)))
-    np.testing.assert_array_equal(out, 2.0)
-    assert [float(b.calls[...]) for b in blocks] == [1.0, 1.0]
+    stack = BlockStack(3, Counting, scan_blocks=scan, rngs=nnx.Rngs(0))
+    scales = np.asarray(stack.layers.scale[...])
+    expected = ((0 * scales[0] + 1) * scales[1] + 1) * scales[2] + 1
+    out = stack.channels_first(jnp.zeros((1, 1, 2, 2)))
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    np.testing.assert_array_equal(stack.layers.calls[...], [1.0, 1.0, 1.0])
+    stack.channels_first(jnp.zeros((1, 1, 2, 2)))
+    np.testing.assert_array_equal(stack.layers.calls[...], [2.0, 2.0, 2.0])
+
+
+def test_an_empty_stack_is_the_identity():
+    stack = BlockStack(0, lambda r: ConverseBlock(4, 3, rngs=r), rngs=nnx.Rngs(0))
+    x = jnp.ones((1, 4, 5, 5))
+    for scan in (True, False):
+        np.testing.assert_array_equal(nnx.view(stack, scan_blocks=scan).channels_first(x), x)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stacked leaves in the weights layer: per-block names, legacy (per-block) checkpoints
+
+
+def _flat(model):
+    return {path_key(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def _legacy_layout(model, stack="prior"):
+    """The model's weights as checkpoints converted before blocks were stacked held them: one entry per
+    block (``prior.3.mixer.weight``), built from each block's own state."""
+    out = {k: v for k, v in _flat(model).items() if k[0] != stack}
+    blocks = getattr(model, stack)
+    for i in range(blocks.num_blocks):
+        out.update({(stack, str(i), *k): v for k, v in _flat(blocks.block(i)).items()})
+    return out
+
+
+def _randomised(name, **kwargs):
+    model = create(name, rngs=nnx.Rngs(3), **kwargs)
+    rng = np.random.default_rng(0)
+    state = nnx.state(model)
+    nnx.update(model, jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype), state))
+    return model
+
+
+def test_a_legacy_checkpoint_on_disk_loads_into_the_stacked_model(tmp_path):
+    from converse_jax.weights import load_pretrained, make_metadata, save_converted
+
+    original = _randomised("usrnet")  # alphas and every other leaf non-trivial
+    legacy = _legacy_layout(original)
+    assert ("prior", "6", "alpha1") in legacy and not any(k[:2] == ("prior", "layers") for k in legacy)
+    src = tmp_path / "usrnet.pth"
+    src.write_bytes(b"stands for the release file")
+    out = save_converted(tmp_path / "old", legacy, make_metadata("usrnet", src))
+    loaded = load_pretrained("usrnet", out)
+    want, got = _flat(original), _flat(loaded)
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=".".join(k))
+
+
+def test_stack_legacy_blocks_stacks_complete_groups_only():
+    model = create("conversenet", rngs=nnx.Rngs(0), num_blocks=3, features=4)
+    legacy = _legacy_layout(model)
+    stacked = stack_legacy_blocks(legacy, model)
+    assert set(stacked) == set(_flat(model))
+    np.testing.assert_array_equal(stacked[("prior", "layers", "pw1", "kernel")],
+                                  np.stack([legacy[("prior", str(i), "pw1", "kernel")] for i in range(3)]))
+    del legacy[("prior", "1", "pw1", "kernel")]
+    partial = stack_legacy_blocks(legacy, model)
+    assert ("prior", "layers", "pw1", "kernel") not in partial and ("prior", "0", "pw1", "kernel") in partial
+
+
+def test_assign_weights_reports_per_block_problems_together():
+    model = create("conversenet", rngs=nnx.Rngs(0), num_blocks=3, features=4)
+    before = _flat(model)
+    legacy = _legacy_layout(model)
+    del legacy[("prior", "2", "mixer", "weight")]
+    legacy[("prior", "1", "pw2", "bias")] = np.zeros(5, np.float32)
+    legacy[("prior", "3", "pw1", "bias")] = np.zeros(8, np.float32)
+    with pytest.raises(WeightMismatchError) as info:
+        assign_weights(model, legacy, source="old.ckpt", model_name="conversenet")
+    err = info.value
+    assert err.missing == ["prior.2.mixer.weight"]
+    assert err.unexpected == ["prior.3.pw1.bias"]
+    assert err.mismatched == ["prior.1.pw2.bias (5,) vs model (4,)"]
+    whole = _flat(model)
+    whole[("prior", "0", "norm1", "scale")] = np.ones(4, np.float32)
+    with pytest.raises(WeightMismatchError, match=r"prior.0.norm1.scale given both per block and within "
+                                                  r"prior.layers.norm1.scale"):
+        assign_weights(model, whole)
+    without = {k: v for k, v in _flat(model).items() if k[-1] != "kernel"}
+    with pytest.raises(WeightMismatchError, match=r"missing: conv1.kernel, conv2.kernel, prior.layers.pw1.kernel"):
+        assign_weights(model, without)
+    for k, v in _flat(model).items():
+        np.testing.assert_array_equal(v, before[k])  # nothing was written
+
+
+def test_convert_state_dict_places_each_block_at_its_index_with_the_layout_per_slice():
+    model = create("dncnn", rngs=nnx.Rngs(0), num_blocks=2, features=4, kernel_size=3, padding=2)
+    rng = np.random.default_rng(1)
+    torch_state = {"m_head.0.weight": rng.standard_normal((4, 1, 1, 1)), "m_head.0.bias": rng.standard_normal(4),
+                   "m_tail.0.weight": rng.standard_normal((1, 4, 1, 1)), "m_tail.0.bias": rng.standard_normal(1)}
+    for i in range(2):
+        for conv, idx, ci, co in (("conv1", 1, 4, 8), ("conv1", 5, 8, 4), ("conv2", 1, 4, 8), ("conv2", 3, 8, 4)):
+            torch_state[f"m_body.{i}.{conv}.{idx}.weight"] = rng.standard_normal((co, ci, 1, 1))
+            torch_state[f"m_body.{i}.{conv}.{idx}.bias"] = rng.standard_normal(co)
+        for conv in ("conv1", "conv2"):
+            torch_state[f"m_body.{i}.{conv}.0.weight"] = rng.standard_normal(4)
+            torch_state[f"m_body.{i}.{conv}.0.bias"] = rng.standard_normal(4)
+        torch_state[f"m_body.{i}.conv1.3.weight"] = rng.standard_normal((1, 8, 3, 3))
+        torch_state[f"m_body.{i}.conv1.3.bias"] = rng.standard_normal((1, 8, 1, 1))
+    spec_map = get_spec("dncnn").torch_key_to_path
+    out = convert_state_dict(torch_state, model, spec_map)
+    assert set(out) == set(_flat(model))
+    np.testing.assert_array_equal(out[("body", "layers", "mixer", "weight")][1],
+                                  torch_state["m_body.1.conv1.3.weight"][0].transpose(1, 2, 0))
+    np.testing.assert_array_equal(out[("body", "layers", "pw1", "kernel")][0],
+                                  torch_state["m_body.0.conv1.1.weight"][:, :, 0, 0].T)
+    torch_state["m_body.1.conv1.3.weight"] = rng.standard_normal((1, 8, 5, 5))
+    del torch_state["m_body.0.conv2.3.bias"]
+    with pytest.raises(WeightMismatchError) as info:
+        convert_state_dict(torch_state, model, spec_map)
+    assert info.value.missing == ["body.0.pw4.bias"]
+    assert info.value.mismatched == ["m_body.1.conv1.3.weight (1, 8, 5, 5) -> body.1.mixer.weight (3, 3, 8)"]

@@ -1,4 +1,4 @@
-"""The baselines of the paper's tables (PAPER.md §3, §5) and their registry entries.
+"""The baselines of the paper's tables and their registry entries.
 
 Conv-/ConvT- variants keep a Converse network's skeleton and replace each Converse2D by a depthwise
 convolution or a depthwise transposed convolution with the same parameter count (k²·C weights and C
@@ -38,6 +38,7 @@ from converse_jax.models.srresnet import ConverseSRResNet, bilinear_upsample
 from converse_jax.models.usrnet import ConverseUSRNet
 from converse_jax.nn.conv import (DepthwiseConv, DepthwiseConvTranspose, ResizeConv, circular_conv_per_sample,
                                   conv2d, nearest_upsample, pixel_shuffle)
+from converse_jax.nn.blocks import BlockStack
 from converse_jax.nn.layers import Converse2D, gelu
 
 __all__ = ["DnCNN", "MSRResNet", "ConvUSRNet", "conv_data_step", "conv_dncnn", "convt_dncnn", "dncnn_k5",
@@ -59,6 +60,10 @@ class DnCNN(nnx.Module):
     ``create`` -> load weights -> evaluate is right. Training must call ``model.train()`` first (batch
     statistics, running averages updated — a ``BatchStat`` state the train step must carry) and validate
     with ``model.eval()`` or a view ``nnx.view(model, use_running_average=True)``.
+
+    Its layers stay lists (``convs``, ``norms``), not a :class:`~converse_jax.nn.BlockStack`: every
+    training forward pass updates the BatchNorms' running statistics, state the trainer carries per layer
+    (``norms.{i}``) beside the parameters, and 15 small 3×3 layers gain little from a scan.
     """
 
     def __init__(self, in_channels: int = 1, features: int = 64, num_blocks: int = 15, *,
@@ -132,12 +137,13 @@ class MSRResNet(nnx.Module):
     shuffle and the activation; 1,517,571 parameters at the defaults. ``upsampler="converse"`` (the
     variant of the official repository's earlier commit, act GELU): per stage a 3×3 conv C->C, a Converse2D
     (k 2, scale 2, circular padding 2, eps 1e-5) and the activation; 1,296,643 parameters.
+    ``body`` is a :class:`~converse_jax.nn.BlockStack`; ``scan_blocks`` chooses its scan or unrolled loop.
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3, features: int = 64, num_blocks: int = 16,
                  upscale: int = 4, *, upsampler: Literal["pixel_shuffle", "converse"] = "pixel_shuffle",
-                 activation: Literal["lrelu", "gelu"] | None = None, param_dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs):
+                 activation: Literal["lrelu", "gelu"] | None = None, scan_blocks: bool = True,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         if upscale not in (2, 4):
             raise ValueError(f"upscale must be 2 or 4, got {upscale}")
         if upsampler not in ("pixel_shuffle", "converse"):
@@ -151,7 +157,8 @@ class MSRResNet(nnx.Module):
         self.activation = activation
         n_up = 2 if upscale == 4 else 1
         self.conv_first = conv2d(in_channels, features, 3, **kw)
-        self.body = nnx.List([_ResidualBlock(features, **kw) for _ in range(num_blocks)])
+        self.body = BlockStack(num_blocks, lambda r: _ResidualBlock(features, param_dtype=param_dtype, rngs=r),
+                               scan_blocks=scan_blocks, rngs=rngs)
         if upsampler == "pixel_shuffle":
             self.upconvs = nnx.List([conv2d(features, 4 * features, 3, **kw) for _ in range(n_up)])
             self.upsamplers = None
@@ -166,8 +173,7 @@ class MSRResNet(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         act = _ACTIVATIONS[self.activation]
         h = act(self.conv_first(x))
-        for block in self.body:
-            h = block(h)
+        h = self.body(h)
         for i, conv in enumerate(self.upconvs):
             h = conv(h)
             h = pixel_shuffle(h, 2) if self.upsamplers is None else self.upsamplers[i](h)

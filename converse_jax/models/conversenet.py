@@ -1,4 +1,4 @@
-"""ConverseNet: blind deblurring (PAPER.md §3.3)."""
+"""ConverseNet: blind deblurring."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from converse_jax.nn import ConverseBlock, ScanBlocksView, block_key_to_path, pointwise, run_blocks
+from converse_jax.nn import BlockStack, ConverseBlock, block_key_to_path, pointwise
 
 
-class ConverseNet(ScanBlocksView, nnx.Module):
+class ConverseNet(nnx.Module):
     """1x1 conv 3->64 -> the same ``num_blocks`` blocks applied ``num_iterations`` times -> 1x1 conv 64->3.
 
     Takes only the blurred image. Released: 7 blocks (3x3 kernels, circular padding 2), 5 iterations,
     243,267 parameters.
-    ``scan_blocks``: run the repeated blocks as one ``lax.scan`` (see :func:`converse_jax.nn.run_blocks`).
+    ``prior`` is a :class:`~converse_jax.nn.BlockStack`; ``scan_blocks`` chooses its scan or unrolled loop.
     """
 
     def __init__(self, in_channels: int = 3, features: int = 64, num_blocks: int = 7, num_iterations: int = 5,
@@ -24,24 +24,24 @@ class ConverseNet(ScanBlocksView, nnx.Module):
                  scan_blocks: bool = True, param_dtype: Any = jnp.float32,
                  rngs: nnx.Rngs):
         kw = dict(param_dtype=param_dtype, rngs=rngs)
-        self.scan_blocks = scan_blocks
         self.num_iterations = num_iterations
         self.conv1 = pointwise(in_channels, features, **kw)
-        self.prior = nnx.List([
-            ConverseBlock(features, kernel_size, padding=padding, padding_mode=padding_mode, mixer=mixer, **kw)
-            for _ in range(num_blocks)])
+        self.prior = BlockStack(num_blocks, lambda r: ConverseBlock(
+            features, kernel_size, padding=padding, padding_mode=padding_mode, mixer=mixer,
+            param_dtype=param_dtype, rngs=r), scan_blocks=scan_blocks, rngs=rngs)
         self.conv2 = pointwise(features, in_channels, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(B, H, W, C) -> (B, H, W, C). Channels-first inside."""
         h = self.conv1.channels_first(jnp.moveaxis(x, -1, 1))
         for _ in range(self.num_iterations):
-            h = run_blocks(self.prior, h, scan=self.scan_blocks)
+            h = self.prior.channels_first(h)
         return jnp.moveaxis(self.conv2.channels_first(h), 1, -1)
 
 
 def torch_key_to_path(key: str) -> tuple:
-    """Official ``ConverseNet`` state-dict key -> NNX path."""
+    """Official ``ConverseNet`` state-dict key -> NNX path (per block: ``prior.{i}...``, see
+    :mod:`converse_jax.weights.convert`)."""
     parts = key.split(".")
     if parts[0] in ("conv1", "conv2") and len(parts) == 2:
         if parts[1] in ("weight", "bias"):

@@ -1,4 +1,4 @@
-"""Converse-DnCNN: grayscale denoising (PAPER.md §3.1)."""
+"""Converse-DnCNN: grayscale denoising."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from converse_jax.nn import ConverseBlock, ScanBlocksView, block_key_to_path, pointwise, run_blocks
+from converse_jax.nn import BlockStack, ConverseBlock, block_key_to_path, pointwise
 
 
-class ConverseDnCNN(ScanBlocksView, nnx.Module):
+class ConverseDnCNN(nnx.Module):
     """1x1 conv -> ``num_blocks`` reverse-convolution blocks -> 1x1 conv (no global residual).
 
     Released: 20 blocks, 64 features, 7x7 Converse2D kernels with circular padding 6 (796,353 parameters);
     the paper's table uses 5x5 kernels (734,913).
-    ``scan_blocks``: run the repeated blocks as one ``lax.scan`` (see :func:`converse_jax.nn.run_blocks`).
+    ``body`` is a :class:`~converse_jax.nn.BlockStack`; ``scan_blocks`` chooses its scan or unrolled loop.
     """
 
     def __init__(self, in_channels: int = 1, features: int = 64, num_blocks: int = 20, kernel_size: int = 7,
@@ -24,23 +24,22 @@ class ConverseDnCNN(ScanBlocksView, nnx.Module):
                  scan_blocks: bool = True, param_dtype: Any = jnp.float32,
                  rngs: nnx.Rngs):
         kw = dict(param_dtype=param_dtype, rngs=rngs)
-        self.scan_blocks = scan_blocks
         self.head = pointwise(in_channels, features, **kw)
-        self.body = nnx.List([
-            ConverseBlock(features, kernel_size, padding=padding, padding_mode=padding_mode, eps=eps, mixer=mixer,
-                          **kw)
-            for _ in range(num_blocks)])
+        self.body = BlockStack(num_blocks, lambda r: ConverseBlock(
+            features, kernel_size, padding=padding, padding_mode=padding_mode, eps=eps, mixer=mixer,
+            param_dtype=param_dtype, rngs=r), scan_blocks=scan_blocks, rngs=rngs)
         self.tail = pointwise(features, in_channels, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(B, H, W, C) -> (B, H, W, C). Channels-first inside."""
         h = self.head.channels_first(jnp.moveaxis(x, -1, 1))
-        h = run_blocks(self.body, h, scan=self.scan_blocks)
+        h = self.body.channels_first(h)
         return jnp.moveaxis(self.tail.channels_first(h), 1, -1)
 
 
 def torch_key_to_path(key: str) -> tuple:
-    """Official ``ConverseDnCNN`` state-dict key -> NNX path."""
+    """Official ``ConverseDnCNN`` state-dict key -> NNX path (per block: ``body.{i}...``, see
+    :mod:`converse_jax.weights.convert`)."""
     parts = key.split(".")
     if parts[0] in ("m_head", "m_tail") and len(parts) == 3 and parts[1] == "0":
         return ("head" if parts[0] == "m_head" else "tail", {"weight": "kernel", "bias": "bias"}[parts[2]])

@@ -1,4 +1,4 @@
-"""Converse-SRResNet: x4 super-resolution with Converse2D upsampling (PAPER.md §3.2)."""
+"""Converse-SRResNet: x4 super-resolution with Converse2D upsampling."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from converse_jax.nn import (Converse2D, ConverseBlock, ScanBlocksView, apply_channels_first, block_key_to_path,
-                             gelu, pointwise, run_blocks)
+from converse_jax.nn import (BlockStack, Converse2D, ConverseBlock, apply_channels_first, block_key_to_path, gelu,
+                             pointwise)
 
 
 def bilinear_upsample(x: jax.Array, scale: int) -> jax.Array:
@@ -18,10 +18,11 @@ def bilinear_upsample(x: jax.Array, scale: int) -> jax.Array:
     return jax.image.resize(x, (b, h * scale, w * scale, c), method="linear", antialias=False)
 
 
-class ConverseSRResNet(ScanBlocksView, nnx.Module):
+class ConverseSRResNet(nnx.Module):
     """conv_first+GELU -> blocks -> [block -> Converse2D x2 -> GELU] x2 -> block -> GELU -> conv_last,
     plus the input upsampled x4 bilinearly. Released: 699,072 parameters.
-    ``scan_blocks``: run the repeated blocks as one ``lax.scan`` (see :func:`converse_jax.nn.run_blocks`).
+    ``body`` is a :class:`~converse_jax.nn.BlockStack`; ``scan_blocks`` chooses its scan or unrolled loop.
+    The up-sampling blocks stay a list: each runs at its own resolution, between two upsamplers.
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3, features: int = 64, num_blocks: int = 16,
@@ -31,27 +32,29 @@ class ConverseSRResNet(ScanBlocksView, nnx.Module):
         if upscale not in (2, 4):
             raise ValueError(f"upscale must be 2 or 4, got {upscale}")
         kw = dict(param_dtype=param_dtype, rngs=rngs)
-        self.scan_blocks = scan_blocks
-        block = lambda: ConverseBlock(features, kernel_size, padding=padding, padding_mode=padding_mode,
-                                      mixer=mixer, **kw)
+
+        def block(r: nnx.Rngs) -> ConverseBlock:
+            return ConverseBlock(features, kernel_size, padding=padding, padding_mode=padding_mode, mixer=mixer,
+                                 param_dtype=param_dtype, rngs=r)
+
         self.upscale = upscale
         self.conv_first = pointwise(in_channels, features, **kw)
-        self.body = nnx.List([block() for _ in range(num_blocks)])
+        self.body = BlockStack(num_blocks, block, scan_blocks=scan_blocks, rngs=rngs)
         n_up = 2 if upscale == 4 else 1
-        self.up_blocks = nnx.List([block() for _ in range(n_up)])
+        self.up_blocks = nnx.List([block(rngs) for _ in range(n_up)])
         if upsampler is None:
             self.upsamplers = nnx.List([
                 Converse2D(features, 2, scale=2, padding=2, padding_mode="replicate", eps=1e-3, **kw)
                 for _ in range(n_up)])
         else:
             self.upsamplers = nnx.List([upsampler(features, **kw) for _ in range(n_up)])
-        self.hr_block = block()
+        self.hr_block = block(rngs)
         self.conv_last = pointwise(features, out_channels, use_bias=False, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(B, H, W, C) -> (B, H·upscale, W·upscale, C_out). Channels-first inside."""
         h = gelu(self.conv_first.channels_first(jnp.moveaxis(x, -1, 1)))
-        h = run_blocks(self.body, h, scan=self.scan_blocks)
+        h = self.body.channels_first(h)
         for blk, up in zip(self.up_blocks, self.upsamplers):
             h = gelu(apply_channels_first(up, blk.channels_first(h)))
         h = self.conv_last.channels_first(gelu(self.hr_block.channels_first(h)))
@@ -59,7 +62,8 @@ class ConverseSRResNet(ScanBlocksView, nnx.Module):
 
 
 def torch_key_to_path(key: str) -> tuple:
-    """Official ``ConverseMSRResNet`` state-dict key -> NNX path."""
+    """Official ``ConverseMSRResNet`` state-dict key -> NNX path (per block: ``body.{i}...``, see
+    :mod:`converse_jax.weights.convert`)."""
     parts = key.split(".")
     linear = {"weight": "kernel", "bias": "bias"}
     if parts[0] in ("conv_first", "conv_last") and len(parts) == 2 and parts[1] in linear:

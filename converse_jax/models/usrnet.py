@@ -1,4 +1,4 @@
-"""Converse-USRNet: non-blind deblurring conditioned on the blur kernel (PAPER.md §3.4)."""
+"""Converse-USRNet: non-blind deblurring conditioned on the blur kernel."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from converse_jax.nn import ConverseBlock, ScanBlocksView, block_key_to_path, gelu, pointwise, run_blocks
+from converse_jax.nn import BlockStack, ConverseBlock, block_key_to_path, gelu, pointwise
 from converse_jax.ops import converse2d, converse2d_channels_first, lambda_from_bias
 
 KERNEL_SIZE = 7
@@ -46,13 +46,13 @@ def _data_step_channels_first(step: Any, x: jax.Array, kernels: jax.Array, lam: 
     return jnp.moveaxis(step(jnp.moveaxis(x, 1, -1), kernels, lam, sf), -1, 1)
 
 
-class ConverseUSRNet(ScanBlocksView, nnx.Module):
+class ConverseUSRNet(nnx.Module):
     """``model(x, kernel, sf=1)``: x (B, H, W, 3), kernel (B, 7, 7) -> (B, H·sf, W·sf, 3).
 
     KernelNet turns the blur kernel into 16 feature kernels; per iteration a 1x1 conv (16->64) makes 64
     per-sample kernels for the data step (the same closed-form solver as Converse2D, λ = sigmoid(α - 9) +
     1e-3), followed by a prior of alpha blocks shared across iterations. Released: 307,987 parameters.
-    ``scan_blocks``: run the repeated blocks as one ``lax.scan`` (see :func:`converse_jax.nn.run_blocks`).
+    ``prior`` is a :class:`~converse_jax.nn.BlockStack`; ``scan_blocks`` chooses its scan or unrolled loop.
     """
 
     def __init__(self, in_channels: int = 3, features: int = 64, num_blocks: int = 7, num_iterations: int = 5,
@@ -61,15 +61,13 @@ class ConverseUSRNet(ScanBlocksView, nnx.Module):
                  scan_blocks: bool = True, param_dtype: Any = jnp.float32,
                  rngs: nnx.Rngs):
         kw = dict(param_dtype=param_dtype, rngs=rngs)
-        self.scan_blocks = scan_blocks
         self.features = features
         self.blur_kernel_size = blur_kernel_size
         self.data_step = data_step
         self.data_alpha = nnx.Param(jnp.zeros((features,), param_dtype))
-        self.prior = nnx.List([
-            ConverseBlock(features, kernel_size, padding=padding, padding_mode=padding_mode, alpha=True,
-                          mixer=mixer, **kw)
-            for _ in range(num_blocks)])
+        self.prior = BlockStack(num_blocks, lambda r: ConverseBlock(
+            features, kernel_size, padding=padding, padding_mode=padding_mode, alpha=True, mixer=mixer,
+            param_dtype=param_dtype, rngs=r), scan_blocks=scan_blocks, rngs=rngs)
         self.conv1 = pointwise(in_channels, features, **kw)
         self.conv2 = pointwise(features, in_channels, **kw)
         self.kernelnet = KernelNet(blur_kernel_size, **kw)
@@ -90,12 +88,13 @@ class ConverseUSRNet(ScanBlocksView, nnx.Module):
         h = self.conv1.channels_first(jnp.moveaxis(x, -1, 1))  # channels-first inside
         for i, conv in enumerate(self.kernel_convs):
             h = _data_step_channels_first(self.data_step, h, conv(feats), lam, sf if i == 0 else 1)
-            h = run_blocks(self.prior, h, scan=self.scan_blocks)
+            h = self.prior.channels_first(h)
         return jnp.moveaxis(self.conv2.channels_first(h), 1, -1)
 
 
 def torch_key_to_path(key: str) -> tuple:
-    """Official ``USRNet`` (Converse) state-dict key -> NNX path."""
+    """Official ``USRNet`` (Converse) state-dict key -> NNX path (per block: ``prior.{i}...``, see
+    :mod:`converse_jax.weights.convert`)."""
     parts = key.split(".")
     linear = {"weight": "kernel", "bias": "bias"}
     if parts == ["d", "alpha"]:

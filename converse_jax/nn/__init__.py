@@ -1,10 +1,9 @@
 """Flax NNX layers and blocks (channels-last when called; ``channels_first`` methods for network internals)."""
 
-from converse_jax.nn.blocks import ConverseBlock, ScanBlocksView, run_blocks
+from converse_jax.nn.blocks import BlockStack, ConverseBlock
 from converse_jax.nn.layers import (DEFAULT_KERNEL_INIT, ChannelLayerNorm, Converse2D, Pointwise,
                                     apply_channels_first, gelu, layer_norm, pointwise, softmax_kernel_init)
 from converse_jax.nn.torch_names import block_key_to_path
 
-__all__ = ["DEFAULT_KERNEL_INIT", "ChannelLayerNorm", "Converse2D", "ConverseBlock", "Pointwise", "ScanBlocksView",
-           "apply_channels_first", "block_key_to_path", "gelu", "layer_norm", "pointwise", "run_blocks",
-           "softmax_kernel_init"]
+__all__ = ["DEFAULT_KERNEL_INIT", "BlockStack", "ChannelLayerNorm", "Converse2D", "ConverseBlock", "Pointwise",
+           "apply_channels_first", "block_key_to_path", "gelu", "layer_norm", "pointwise", "softmax_kernel_init"]

@@ -1,8 +1,8 @@
-"""The reverse-convolution block (PAPER.md §2), and running a stack of blocks."""
+"""The reverse-convolution block, and :class:`BlockStack`, repeated blocks stored stacked."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -57,48 +57,98 @@ class ConverseBlock(nnx.Module):
         return x + (h if self.alpha2 is None else self.alpha2[...][:, None, None] * h)
 
 
-class ScanBlocksView:
-    """Mixin of the networks with repeated blocks: their ``scan_blocks`` attribute, settable with
-    ``nnx.view(model, scan_blocks=...)`` (the trainer's training view unrolls)."""
+class BlockStack(nnx.Module):
+    """``num_blocks`` blocks of one structure, stored stacked: one module ``layers`` whose variables all
+    have a leading block axis (flax's scan-over-layers layout), built with ``nnx.split_rngs`` and
+    ``nnx.vmap`` so that every block gets its own initialisation.
 
-    scan_blocks: bool = True
+    Called like one of its blocks: ``stack(x)`` applies the blocks' ``__call__`` in order,
+    ``stack.channels_first(h)`` their ``channels_first``. ``scan_blocks`` chooses how:
+
+    - ``True``: one ``jax.lax.scan`` over the stacked variables. XLA compiles the block once and keeps one
+      block's temporaries alive at a time, so peak memory does not grow with depth (unrolled, XLA's CPU
+      scheduler computes every layer's Converse2D filter up front).
+    - ``False``: an unrolled loop over static slices of the stacked variables. Differentiated it is
+      faster (a scan copies every block's residuals into stacked buffers), which is why the trainer
+      unrolls; for inference both run at the same speed.
+
+    ``nnx.view(model, scan_blocks=...)`` switches every stack of a model on a copy (:meth:`set_view`).
+    Variables other than parameters (statistics, counters) that a block updates are written back to
+    their slices in both modes.
+    """
+
+    def __init__(self, num_blocks: int, make_block: Callable[[nnx.Rngs], nnx.Module], *,
+                 scan_blocks: bool = True, rngs: nnx.Rngs):
+        """``make_block(rngs)`` builds one block; it is traced once under ``nnx.vmap``, so it must build
+        blocks of one structure and use only ``rngs`` for randomness."""
+        if isinstance(num_blocks, bool) or not hasattr(num_blocks, "__index__") or num_blocks < 0:
+            raise ValueError(f"num_blocks must be an integer >= 0, got {num_blocks!r}")
+        num_blocks = int(num_blocks)
+        self.num_blocks = num_blocks
+        self.scan_blocks = scan_blocks
+
+        @nnx.split_rngs(splits=num_blocks)
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def build(block_rngs: nnx.Rngs) -> nnx.Module:
+            return make_block(block_rngs)
+
+        self.layers = build(rngs)
 
     def set_view(self, scan_blocks: bool | None = None) -> None:
-        """Hook of ``nnx.view``: ``scan_blocks`` selects :func:`run_blocks`' scan or unrolled loop."""
+        """Hook of ``nnx.view``: ``scan_blocks`` selects the scan or the unrolled loop."""
         if scan_blocks is not None:
             self.scan_blocks = scan_blocks
 
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """The blocks' ``__call__`` applied in order."""
+        return self._run(x, "__call__")
 
-def run_blocks(blocks: Sequence[nnx.Module], h: jax.Array, *, scan: bool = True) -> jax.Array:
-    """Apply ``blocks`` in order to channels-first ``h`` (each block's ``channels_first``).
+    def channels_first(self, h: jax.Array) -> jax.Array:
+        """The blocks' ``channels_first`` applied in order."""
+        return self._run(h, "channels_first")
 
-    With ``scan``, blocks of one structure whose state is only parameters run as one ``jax.lax.scan``
-    over their stacked parameters: XLA compiles the block once and keeps one block's temporaries alive
-    at a time. Unrolled, XLA's CPU scheduler computes every layer's filter up front and peak memory
-    grows with depth (DnCNN at 256²: 778 instead of 125 MiB). Differentiated, the unrolled form is
-    about 10% faster (the scan copies every block's residuals into stacked buffers), so the trainer
-    unrolls; for inference the two run at the same speed.
-    """
-    blocks = list(blocks)
-    if not scan or len(blocks) < 2 or not _scannable(blocks):
-        for block in blocks:
-            h = block.channels_first(h)
+    def block(self, index: int) -> nnx.Module:
+        """A copy of block ``index`` (an unstacked module: writes to it do not reach the stack)."""
+        if not -self.num_blocks <= index < self.num_blocks:
+            raise IndexError(f"block index {index} out of range for {self.num_blocks} blocks")
+        graphdef, state = nnx.split(self.layers)
+        return nnx.merge(graphdef, _slice(state, index))
+
+    def _run(self, h: jax.Array, method: str) -> jax.Array:
+        """The blocks' ``method`` on ``h`` in order; non-parameter state they update is written back."""
+        graphdef, params, rest = nnx.split(self.layers, nnx.Param, ...)
+        run = self._scan if self.scan_blocks else self._unrolled
+        h, rest = run(graphdef, params, rest, h, method)
+        if jax.tree.leaves(rest):
+            nnx.update(self.layers, rest)
         return h
-    graphdef = nnx.graphdef(blocks[0])
-    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(b) for b in blocks])
 
-    def step(carry: jax.Array, state: Any) -> tuple[jax.Array, None]:
-        return nnx.merge(graphdef, state).channels_first(carry), None
+    @staticmethod
+    def _apply(graphdef: Any, params: Any, rest: Any, h: jax.Array, method: str) -> tuple[jax.Array, Any]:
+        """One block (its unstacked variables) on ``h``: the output and the block's non-parameter state."""
+        block = nnx.merge(graphdef, params, rest)
+        return getattr(block, method)(h), nnx.state(block, nnx.Not(nnx.Param))
 
-    h, _ = jax.lax.scan(step, h, stacked)
-    return h
+    def _scan(self, graphdef: Any, params: Any, rest: Any, h: jax.Array, method: str) -> tuple[jax.Array, Any]:
+        """One ``lax.scan`` over the stacked variables: ``h`` carried, updated state stacked as outputs."""
+
+        def step(carry: jax.Array, xs: tuple[Any, Any]) -> tuple[jax.Array, Any]:
+            return self._apply(graphdef, *xs, carry, method)
+
+        return jax.lax.scan(step, h, (params, rest))
+
+    def _unrolled(self, graphdef: Any, params: Any, rest: Any, h: jax.Array,
+                  method: str) -> tuple[jax.Array, Any]:
+        """A Python loop over static slices (``a[i]``) of the stacked variables."""
+        updated = []
+        for i in range(self.num_blocks):
+            h, new = self._apply(graphdef, *_slice((params, rest), i), h, method)
+            updated.append(new)
+        if not jax.tree.leaves(rest):
+            return h, rest
+        return h, jax.tree.map(lambda *slices: jnp.stack(slices), *updated)  # only non-parameter state
 
 
-def _scannable(blocks: list[nnx.Module]) -> bool:
-    graphdef = nnx.graphdef(blocks[0])
-    for block in blocks:
-        if nnx.graphdef(block) != graphdef:
-            return False
-        if jax.tree.leaves(nnx.state(block, nnx.Not(nnx.Param))):
-            return False  # state a block would update (statistics, RNG counters) cannot be scanned read-only
-    return True
+def _slice(tree: Any, index: int) -> Any:
+    """Slice ``index`` of every leaf's leading (block) axis."""
+    return jax.tree.map(lambda a: a[index], tree)

@@ -13,6 +13,13 @@ Layout rules (chosen from the target leaf's name, the source's rank and the targ
 
 Anything else is a shape mismatch. All problems of one state dict are reported together in a
 single :class:`WeightMismatchError`.
+
+Repeated blocks are stored stacked (:class:`converse_jax.nn.BlockStack`): the variables of a stack
+at ``body`` are leaves ``body.layers.pw1.kernel`` with a leading block axis. Each block's slice
+also has a per-block name, ``body.3.pw1.kernel`` for block 3 (:func:`block_slots`): the models'
+PyTorch key mappings give per-block names, the layout rules apply per slice, and checkpoints
+converted before blocks were stacked hold per-block names too (:func:`stack_legacy_blocks`).
+Problems inside a stack are reported by per-block name, folded as ``body.{0..19}.pw1.kernel``.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from converse_jax.nn.blocks import BlockStack
 from converse_jax.weights.errors import WeightMismatchError
 
 __all__ = [
@@ -32,6 +40,8 @@ __all__ = [
     "convert_state_dict",
     "assign_weights",
     "model_leaves",
+    "block_slots",
+    "stack_legacy_blocks",
 ]
 
 PathKey = tuple[str, ...]
@@ -119,6 +129,68 @@ def _fold(names: list[str]) -> list[str]:
     return out
 
 
+def block_slots(model: nnx.Module) -> dict[PathKey, tuple[PathKey, int]]:
+    """The per-block name of every slice of ``model``'s stacked leaves: ``{("body", "3", "pw1",
+    "kernel"): (("body", "layers", "pw1", "kernel"), 3), ...}`` (abstract models work too)."""
+    slots: dict[PathKey, tuple[PathKey, int]] = {}
+    for path, node in nnx.iter_graph(model):
+        if not isinstance(node, BlockStack):
+            continue
+        prefix = path_key(path)
+        for rest, _ in nnx.to_flat_state(nnx.state(node.layers)):
+            leaf = (*prefix, "layers", *path_key(rest))
+            for i in range(node.num_blocks):
+                slots[(*prefix, str(i), *path_key(rest))] = (leaf, i)
+    return slots
+
+
+def _params(leaves: Mapping[PathKey, Any]) -> list[PathKey]:
+    """The parameters that a checkpoint must give: all but empty ones (a stack of 0 blocks)."""
+    return [k for k, v in leaves.items() if isinstance(v, nnx.Param) and 0 not in _leaf_shape(v)]
+
+
+def _slices_of(slots: Mapping[PathKey, tuple[PathKey, int]]) -> dict[PathKey, list[PathKey]]:
+    """Stacked leaf -> its per-block names, in block order."""
+    out: dict[PathKey, list[PathKey]] = {}
+    for name, (leaf, _) in sorted(slots.items(), key=lambda item: item[1][1]):
+        out.setdefault(leaf, []).append(name)
+    return out
+
+
+def _missing_names(params: Iterable[PathKey], have: Any, slices: Mapping[PathKey, list[PathKey]],
+                   whole_names: bool) -> list[str]:
+    """Names of the parameters (or their slices) absent from ``have``. A stacked leaf some of whose
+    slices are there is reported by its absent slices; one with none there by its own path when
+    ``whole_names``, else by all its per-block names."""
+    missing: list[PathKey] = []
+    for leaf in params:
+        if leaf in have:
+            continue
+        names = slices.get(leaf)
+        if names is None:
+            missing.append(leaf)
+        elif whole_names and not any(n in have for n in names):
+            missing.append(leaf)
+        else:
+            missing.extend(n for n in names if n not in have)
+    return sorted(_dotted(k) for k in missing)
+
+
+def _mismatch_error(source: str, model_name: str, missing: list[str], unexpected: list[str],
+                    mismatched: list[str], where: str, hint: str = "") -> WeightMismatchError:
+    parts = [f"{source} does not fit {model_name}: {len(missing)} missing, "
+             f"{len(unexpected)} unexpected, {len(mismatched)} shape mismatch(es)"]
+    if missing:
+        parts.append(f"missing{where}: " + ", ".join(_fold(missing)))
+    if unexpected:
+        parts.append(f"unexpected{where}: " + ", ".join(_fold(unexpected)))
+    if mismatched:
+        parts.append("shape mismatches: " + ", ".join(mismatched))
+    if hint:
+        parts.append(hint)
+    return WeightMismatchError("; ".join(parts), missing, unexpected, mismatched)
+
+
 def _as_torch_name(key_to_path: Callable[[str], Any], key: str) -> Optional[PathKey]:
     try:
         path = key_to_path(key)
@@ -127,25 +199,40 @@ def _as_torch_name(key_to_path: Callable[[str], Any], key: str) -> Optional[Path
     return None if path is None else path_key(path)
 
 
+def _stack_complete(values: Mapping[PathKey, np.ndarray],
+                    slices: Mapping[PathKey, list[PathKey]]) -> dict[PathKey, np.ndarray]:
+    """Every stacked leaf all of whose slices are in ``values``, stacked in block order."""
+    return {leaf: np.stack([values[n] for n in names]) for leaf, names in slices.items()
+            if names and all(n in values for n in names)}
+
+
 def convert_state_dict(torch_state: Mapping[str, np.ndarray], model: nnx.Module,
                        key_to_path: Callable[[str], Any], *, source: str = "state dict",
                        model_name: str = "model") -> dict[PathKey, np.ndarray]:
     """Rearrange a PyTorch state dict into ``{NNX path: array}`` for ``model``.
 
-    ``key_to_path`` maps each PyTorch key to the NNX state path (None or KeyError: the key
-    has no place in the model). Arrays keep their dtype. Every ``nnx.Param`` of the model must
-    be covered; any missing, unexpected or mis-shaped entry is reported, all of them in one
-    :class:`WeightMismatchError`.
+    ``key_to_path`` maps each PyTorch key to the NNX state path, per block inside a stack
+    (``("body", 3, "pw1", "kernel")``: slice 3 of ``body.layers.pw1.kernel``); None or KeyError:
+    the key has no place in the model. Arrays keep their dtype. Every ``nnx.Param`` (every slice
+    of a stacked one) must be covered; any missing, unexpected or mis-shaped entry is reported,
+    all of them in one :class:`WeightMismatchError`.
     """
     leaves = model_leaves(model)
-    params = {k for k, v in leaves.items() if isinstance(v, nnx.Param)}
-    out: dict[PathKey, np.ndarray] = {}
+    slots = block_slots(model)
+    slices = _slices_of(slots)
+    params = _params(leaves)
+    found: dict[PathKey, np.ndarray] = {}  # by name: a leaf's path, or a slice's per-block name
     unexpected: list[str] = []
     mismatched: list[str] = []
     origin: dict[PathKey, str] = {}
     for key, value in torch_state.items():
         path = _as_torch_name(key_to_path, key)
-        if path is None or path not in leaves:
+        if path in slots:
+            leaf, _ = slots[path]
+            target = _leaf_shape(leaves[leaf])[1:]
+        elif path in leaves and path not in slices:
+            leaf, target = path, _leaf_shape(leaves[path])
+        else:
             unexpected.append(key)
             continue
         if path in origin:
@@ -153,24 +240,34 @@ def convert_state_dict(torch_state: Mapping[str, np.ndarray], model: nnx.Module,
             continue
         origin[path] = key
         value = np.asarray(value)
-        target = _leaf_shape(leaves[path])
-        arranged = to_jax_layout(value, target, path[-1])
+        arranged = to_jax_layout(value, target, leaf[-1])
         if arranged is None:
             mismatched.append(f"{key} {tuple(value.shape)} -> {_dotted(path)} {target}")
             continue
-        out[path] = arranged
-    missing = sorted(_dotted(p) for p in params if p not in origin)
+        found[path] = arranged
+    missing = _missing_names(params, origin, slices, whole_names=False)
     if missing or unexpected or mismatched:
-        parts = [f"{source} does not fit {model_name}: {len(missing)} missing, "
-                 f"{len(unexpected)} unexpected, {len(mismatched)} shape mismatch(es)"]
-        if missing:
-            parts.append("missing in the checkpoint: " + ", ".join(_fold(missing)))
-        if unexpected:
-            parts.append("unexpected in the checkpoint: " + ", ".join(_fold(unexpected)))
-        if mismatched:
-            parts.append("shape mismatches: " + ", ".join(mismatched))
-        parts.append("check that the checkpoint belongs to this model")
-        raise WeightMismatchError("; ".join(parts), missing, unexpected, mismatched)
+        raise _mismatch_error(source, model_name, missing, unexpected, mismatched, " in the checkpoint",
+                              "check that the checkpoint belongs to this model")
+    out = {k: v for k, v in found.items() if k not in slots}
+    out.update(_stack_complete(found, slices))
+    return out
+
+
+def stack_legacy_blocks(weights: Mapping[Any, np.ndarray], model: nnx.Module) -> dict[PathKey, np.ndarray]:
+    """``weights`` with per-block entries (``body.3.pw1.kernel``, the layout of checkpoints converted
+    before blocks were stacked) stacked into ``model``'s stacked leaf (``body.layers.pw1.kernel``)
+    wherever every block's entry is there with the slice's shape and the leaf itself is not given.
+    Every other entry is returned unchanged (keys as :data:`PathKey`)."""
+    given = {path_key(k): np.asarray(v) for k, v in weights.items()}
+    leaves = model_leaves(model)
+    slices = {leaf: names for leaf, names in _slices_of(block_slots(model)).items() if leaf not in given}
+    complete = {leaf: names for leaf, names in slices.items()
+                if all(n in given and given[n].shape == _leaf_shape(leaves[leaf])[1:] for n in names)}
+    stacked = _stack_complete(given, complete)
+    used = {n for names in complete.values() for n in names}
+    out = {k: v for k, v in given.items() if k not in used}
+    out.update(stacked)
     return out
 
 
@@ -178,27 +275,28 @@ def assign_weights(model: nnx.Module, weights: Mapping[PathKey, np.ndarray], *,
                    source: str = "weights", model_name: str = "model") -> None:
     """Write ``{path: array}`` into ``model`` in place, cast to each variable's dtype.
 
-    Every ``nnx.Param`` must be given and every given path must exist with the same shape;
-    otherwise nothing is written and a :class:`WeightMismatchError` lists all problems.
+    Stacked leaves may be given whole (``body.layers.pw1.kernel``) or per block
+    (``body.{0..19}.pw1.kernel``, see :func:`stack_legacy_blocks`). Every ``nnx.Param`` must be
+    given and every given path must exist with the same shape; otherwise nothing is written and a
+    :class:`WeightMismatchError` lists all problems.
     """
     leaves = model_leaves(model)
-    params = {k for k, v in leaves.items() if isinstance(v, nnx.Param)}
-    given = {path_key(k): np.asarray(v) for k, v in weights.items()}
-    unexpected = sorted(_dotted(k) for k in given if k not in leaves)
-    missing = sorted(_dotted(k) for k in params if k not in given)
-    mismatched = [f"{_dotted(k)} {tuple(v.shape)} vs model {_leaf_shape(leaves[k])}"
-                  for k, v in given.items()
-                  if k in leaves and tuple(v.shape) != _leaf_shape(leaves[k])]
+    slots = block_slots(model)
+    slices = _slices_of(slots)
+    params = _params(leaves)
+    given = stack_legacy_blocks(weights, model)
+    unexpected = sorted(_dotted(k) for k in given if k not in leaves and k not in slots)
+    missing = _missing_names(params, given, slices, whole_names=True)
+
+    def target(k: PathKey) -> tuple[int, ...]:
+        return _leaf_shape(leaves[k]) if k in leaves else _leaf_shape(leaves[slots[k][0]])[1:]
+
+    mismatched = [f"{_dotted(k)} {tuple(v.shape)} vs model {target(k)}" for k, v in given.items()
+                  if (k in leaves or k in slots) and tuple(v.shape) != target(k)]
+    mismatched += [f"{_dotted(k)} given both per block and within {_dotted(slots[k][0])}"
+                   for k in given if k in slots and slots[k][0] in given]
     if missing or unexpected or mismatched:
-        parts = [f"{source} does not fit {model_name}: {len(missing)} missing, "
-                 f"{len(unexpected)} unexpected, {len(mismatched)} shape mismatch(es)"]
-        if missing:
-            parts.append("missing: " + ", ".join(_fold(missing)))
-        if unexpected:
-            parts.append("unexpected: " + ", ".join(_fold(unexpected)))
-        if mismatched:
-            parts.append("shape mismatches: " + ", ".join(mismatched))
-        raise WeightMismatchError("; ".join(parts), missing, unexpected, mismatched)
+        raise _mismatch_error(source, model_name, missing, unexpected, mismatched, "")
     flat = nnx.to_flat_state(nnx.state(model))
     updates = {}
     for path, variable in flat:
@@ -207,4 +305,3 @@ def assign_weights(model: nnx.Module, weights: Mapping[PathKey, np.ndarray], *,
             dtype = variable.get_value().dtype
             updates[tuple(path)] = variable.replace(jnp.asarray(given[key], dtype=dtype))
     nnx.update(model, nnx.from_flat_state(updates))
-
