@@ -24,7 +24,6 @@ import numpy as np
 
 from benchmarks import alt_ops
 
-
 _SQRT_HALF = np.float32(0.7071067811865476)
 
 

@@ -5,7 +5,7 @@ check that both give the same outputs."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ def _converse(layer: Any, h: jax.Array) -> jax.Array:
                               padding_mode=layer.padding_mode, layout=_LAYOUT)
 
 
-def forward(name: str, model: Any, x: jax.Array, kernel: Optional[jax.Array] = None, sf: int = 1) -> jax.Array:
+def forward(name: str, model: Any, x: jax.Array, kernel: jax.Array | None = None, sf: int = 1) -> jax.Array:
     """``model``'s output for NHWC ``x`` (and USRNet's (B, 7, 7) ``kernel``), NHWC."""
     h = jnp.transpose(x, (0, 3, 1, 2))
     if name == "dncnn":
@@ -43,7 +43,7 @@ def forward(name: str, model: Any, x: jax.Array, kernel: Optional[jax.Array] = N
         from converse_jax.models.srresnet import bilinear_upsample
 
         f = _blocks(model.body, _gelu(_pw(model.conv_first, h, _LAYOUT)))
-        for blk, up in zip(model.up_blocks, model.upsamplers):
+        for blk, up in zip(model.up_blocks, model.upsamplers, strict=False):
             f = _gelu(_converse(up, block_apply(blk, f, _LAYOUT)))
         f = _pw(model.conv_last, _gelu(block_apply(model.hr_block, f, _LAYOUT)), _LAYOUT)
         return jnp.transpose(f, (0, 2, 3, 1)) + bilinear_upsample(x, model.upscale)

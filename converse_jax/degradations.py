@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Union
 
 import numpy as np
 from scipy import ndimage
@@ -50,7 +49,7 @@ __all__ = [
     "to_uint8",
 ]
 
-RandomLike = Union[None, int, np.random.RandomState, np.random.Generator]
+RandomLike = None | int | np.random.RandomState | np.random.Generator
 
 
 def to_float(img: np.ndarray) -> np.ndarray:

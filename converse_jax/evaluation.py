@@ -303,7 +303,8 @@ class EvalReport:
             lines.append(f"  {'image':<{width}}  " + "  ".join(f"{c:>8}" for c in cols))
             for r in run.per_image:
                 vals = [r.psnr, r.ssim] + ([r.psnr_y, r.ssim_y] if has_y else [])
-                lines.append(f"  {r.image:<{width}}  " + "  ".join(_fmt(c, v) for c, v in zip(cols, vals, strict=False)))
+                cells = "  ".join(_fmt(c, v) for c, v in zip(cols, vals, strict=True))
+                lines.append(f"  {r.image:<{width}}  " + cells)
             avg = run.average
             vals = [avg["psnr"], avg["ssim"]] + ([avg["psnr_y"], avg["ssim_y"]] if has_y else [])
             line = f"  {'average':<{width}}  " + "  ".join(_fmt(c, v) for c, v in zip(cols, vals, strict=False))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -20,7 +20,7 @@ from converse_jax.degradations import normalize_kernel, to_uint8
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageError", "list_images", "read_image", "read_kernel", "write_image"]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 Color = Literal["gray", "rgb", "any"]
 
 IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import jax
 import numpy as np
@@ -57,7 +57,7 @@ __all__ = [
 KERNEL_SIZE = 7  # side of the random training blur kernels (the paper's test kernels are larger)
 
 Batch = Mapping[str, Any]
-Level = Union[str, float, Sequence[float]]
+Level = str | float | Sequence[float]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +102,8 @@ class Task:
         """Training patches and validation crops must be multiples of this (``scale`` for SR)."""
         return 1
 
-    def train_sample(self, target: np.ndarray, rng: np.random.Generator, settings: Degradation) -> dict[str, np.ndarray]:
+    def train_sample(self, target: np.ndarray, rng: np.random.Generator,
+                     settings: Degradation) -> dict[str, np.ndarray]:
         """``{"input", "target"[, "kernel"]}`` for a clean float32 patch (H, W, C) in [0, 1]."""
         raise NotImplementedError
 
@@ -157,7 +158,8 @@ class Denoising(Task):
     name, label = "denoise", "denoising"
     uses_sigma = True
 
-    def train_sample(self, target: np.ndarray, rng: np.random.Generator, settings: Degradation) -> dict[str, np.ndarray]:
+    def train_sample(self, target: np.ndarray, rng: np.random.Generator,
+                     settings: Degradation) -> dict[str, np.ndarray]:
         return {"target": target, "input": D.add_noise(target, rng.uniform(*settings.sigma), rng)}
 
     def protocol_pair(self, hr: np.ndarray, protocol: Any, kernel: np.ndarray | None = None,
@@ -180,7 +182,8 @@ class SuperResolution(Task):
     def size_multiple(self, scale: int) -> int:
         return int(scale)
 
-    def train_sample(self, target: np.ndarray, rng: np.random.Generator, settings: Degradation) -> dict[str, np.ndarray]:
+    def train_sample(self, target: np.ndarray, rng: np.random.Generator,
+                     settings: Degradation) -> dict[str, np.ndarray]:
         s = settings.scale
         lr = D.imresize(target, 1.0 / s)
         h, w = target.shape[0] // s, target.shape[1] // s
@@ -209,7 +212,8 @@ class BlindDeblurring(Task):
     name, label = "deblur", "blind deblurring"
     uses_kernels = True
 
-    def train_sample(self, target: np.ndarray, rng: np.random.Generator, settings: Degradation) -> dict[str, np.ndarray]:
+    def train_sample(self, target: np.ndarray, rng: np.random.Generator,
+                     settings: Degradation) -> dict[str, np.ndarray]:
         kernel = D.random_kernel(rng, settings.kernel_size)
         level = rng.uniform(*settings.blur_noise)
         out = {"target": target, "input": D.add_noise(D.blur(target, kernel), level, rng)}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -154,7 +155,7 @@ def check_architectures(configs: Sequence[Any]) -> dict[str, int]:
     counts = {}
     for cfg in configs:
         try:
-            model = nnx.eval_shape(lambda: create(cfg.model, rngs=nnx.Rngs(0), **dict(cfg.model_kwargs)))
+            model = nnx.eval_shape(functools.partial(create, cfg.model, rngs=nnx.Rngs(0), **dict(cfg.model_kwargs)))
         except (TypeError, ValueError) as exc:
             raise CompareError(f"--arch does not fit {cfg.model}: {one_line(exc)}") from None
         counts[cfg.model] = count_params(model)
@@ -225,6 +226,10 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def _milestones(settings: dict[str, Any]) -> str:
+    return ", ".join(map(str, settings["lr_milestones"])) or "never"
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """The comparison as a Markdown table (the paper's value in parentheses where it has one)."""
     columns: list[str] = []
@@ -250,7 +255,7 @@ def format_table(summary: dict[str, Any]) -> str:
     s = summary["settings"]
     lines.append("")
     lines.append(f"Same settings for every model: {s['steps']} steps, batch {s['batch_size']}, "
-                 f"patch {s['patch_size']}, Adam {s['lr']:g} (halved at {', '.join(map(str, s['lr_milestones'])) or 'never'}), {s['loss']}, "
+                 f"patch {s['patch_size']}, Adam {s['lr']:g} (halved at {_milestones(s)}), {s['loss']}, "
                  f"data {s['data'] or 'embedded'}, seed {s['seed']}, arch {s['model_kwargs'] or 'full size'}. "
                  f"In parentheses: the paper's value (full-size networks, the paper's unpublished training budget).")
     return "\n".join(lines) + "\n"

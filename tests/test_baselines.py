@@ -8,15 +8,21 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import require_asset
 from converse_jax import evaluation as E
 from converse_jax import models as M
 from converse_jax import train as T
 from converse_jax.models import baselines as B
-from converse_jax.nn.conv import (DepthwiseConv, DepthwiseConvTranspose, circular_conv_per_sample, conv2d,
-                                  nearest_upsample, pixel_shuffle)
+from converse_jax.nn.conv import (
+    DepthwiseConv,
+    DepthwiseConvTranspose,
+    circular_conv_per_sample,
+    conv2d,
+    nearest_upsample,
+    pixel_shuffle,
+)
 from converse_jax.ops import p2o
 from converse_jax.tasks import SR, Task
-from conftest import require_asset
 
 BASELINES = ["dncnn_k5", "dncnn_original", "dncnn_conv", "dncnn_convt", "msrresnet", "msrresnet_converse_up",
              "srresnet_conv", "srresnet_convt", "convnet", "usrnet_conv"]
@@ -243,7 +249,8 @@ def test_train_step_and_evaluate(name, tmp_path):
     assert losses[-1] < losses[0]
     before = jax.tree_util.tree_leaves(params)
     after = jax.tree_util.tree_leaves(state["params"])
-    assert sum(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(before, after)) > len(before) // 2
+    changed = sum(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(before, after, strict=True))
+    assert changed > len(before) // 2
     if name == "dncnn_original":  # BatchNorm running statistics travel in the state's "extra"
         mean0 = extra["norms"][0]["mean"]
         assert not np.allclose(np.asarray(state["extra"]["norms"][0]["mean"]), np.asarray(mean0))

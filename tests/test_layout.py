@@ -101,7 +101,8 @@ def test_scanned_and_unrolled_blocks_agree_in_value_and_gradient(x64):
     for scan in (True, False):
         values[scan] = nnx.value_and_grad(loss)(model, scan)
     np.testing.assert_allclose(values[True][0], values[False][0], rtol=1e-12)
-    for a, b in zip(jax.tree.leaves(nnx.state(values[True][1])), jax.tree.leaves(nnx.state(values[False][1]))):
+    scanned, unrolled = (jax.tree.leaves(nnx.state(values[v][1])) for v in (True, False))
+    for a, b in zip(scanned, unrolled, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
 
 
@@ -111,7 +112,7 @@ def test_scan_reduces_the_compiled_memory_of_a_deep_network():
     temp = {}
     for scan in (True, False):
         gd, st = nnx.split(nnx.view(model, scan_blocks=scan))
-        compiled = jax.jit(lambda s, v: nnx.merge(gd, s)(v)).lower(st, x).compile()
+        compiled = jax.jit(lambda s, v, gd=gd: nnx.merge(gd, s)(v)).lower(st, x).compile()
         analysis = compiled.memory_analysis()
         if analysis is None:
             pytest.skip("this backend reports no compiled memory analysis")

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from conftest import require_asset
@@ -128,7 +129,8 @@ def test_train_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
              "'global_batch': GLOBAL_BATCH, 'per_device': PER_DEVICE_BATCH, 'steps': STEPS, 'extra': EXTRA_STEPS, "
              "'start': result.start_step, 'step': result.step, 'val_psnr': result.val_psnr, "
              "'restored_psnr': val_psnr, 'input_psnr': input_psnr, 'checkpoint': str(checkpoint), "
-             "'exported': str(exported), 'arch': ARCH, 'losses': [l for _, l in train_log], 'report': report.to_dict()}))")
+             "'exported': str(exported), 'arch': ARCH, 'losses': [loss for _, loss in train_log], "
+             "'report': report.to_dict()}))")
     nb, info = _execute("train_tpu.ipynb", tmp_path, monkeypatch, probe, CONVERSE_NOTEBOOK_WORKDIR=str(workdir),
                         XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}")
     assert info["devices"] == DEVICES
@@ -143,7 +145,7 @@ def test_train_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert is_converted_checkpoint(info["exported"]) and read_metadata(info["exported"])["model"] == "dncnn"
     # one logged loss per step over both sessions (log every step in the small setting)
     losses = info["losses"]
-    assert len(losses) == final and all(l == l and l < float("inf") for l in losses)
+    assert len(losses) == final and all(np.isfinite(v) for v in losses)
     assert sum(losses[-5:]) < sum(losses[:5]), f"the loss did not decrease: {losses}"
     report = info["report"]
     assert report["model"] == "dncnn" and len(report["per_image"]) >= 1

@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any, Union
+from typing import Any
 
 import grain
 import numpy as np
@@ -36,7 +36,7 @@ from converse_jax.tasks import Degradation, Task, get_task
 
 __all__ = ["BatchIterator", "make_train_loader", "make_val_set", "make_sample"]
 
-TaskLike = Union[Task, str]
+TaskLike = Task | str
 
 _TRAIN_STREAM = 0
 _VAL_STREAM = 1

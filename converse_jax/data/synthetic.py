@@ -57,8 +57,18 @@ def dead_leaves(
         r_max = max(h, w) / 2.0
     r_max = max(float(r_max), r_min)
     rng = np.random.default_rng(seed)
+    radius, cy, cx = _drop_disks(rng, h, w, r_min, r_max)
+    label = _rasterise(radius, cy, cx, h, w)
+    img = _paint(rng, label, radius, cy, cx, channels)
+    sigma = rng.uniform(*blur)
+    img = ndimage.gaussian_filter(img, (sigma, sigma, 0.0), mode="reflect")
+    img = np.round(np.clip(img, 0.0, 1.0) * 255.0) / 255.0
+    return img.astype(np.float32)
 
-    # Enough disks that the expected uncovered fraction is about e^-6 (the rest is background).
+
+def _drop_disks(rng: np.random.Generator, h: int, w: int, r_min: float,
+                r_max: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Radii and centres of enough disks that the expected uncovered fraction is about e^-6."""
     margin = r_max / 8.0
     area = (h + 2 * margin) * (w + 2 * margin)
     if r_max > r_min:
@@ -66,12 +76,17 @@ def dead_leaves(
     else:
         mean_r2 = r_min ** 2
     n = int(math.ceil(6.0 * area / (math.pi * mean_r2)))
-
     radius = _power_law_radii(rng, n, r_min, r_max)
     cy = rng.uniform(-margin, h + margin, n)
     cx = rng.uniform(-margin, w + margin, n)
+    return radius, cy, cx
 
-    # Rasterise the disks grouped by bounding-box size; a pixel shows the last disk covering it.
+
+def _rasterise(radius: np.ndarray, cy: np.ndarray, cx: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(H, W) index of the last disk covering each pixel (``n``, one past the disks, for the background).
+
+    Disks are grouped by bounding-box size so that each group is one vectorised pass."""
+    n = len(radius)
     half = np.ceil(radius).astype(np.int64)
     iy = np.floor(cy).astype(np.int64)
     ix = np.floor(cx).astype(np.int64)
@@ -87,11 +102,15 @@ def dead_leaves(
         keep &= (ys + 0.5 - cy[sel, None]) ** 2 + (xs + 0.5 - cx[sel, None]) ** 2 <= radius[sel, None] ** 2
         ids = np.broadcast_to(sel[:, None], keep.shape)
         np.maximum.at(label, ys[keep] * w + xs[keep], ids[keep])
-    label[label < 0] = n  # background gets its own "disk"
-    label = label.reshape(h, w)
+    label[label < 0] = n
+    return label.reshape(h, w)
 
-    # Per-disk appearance (index n is the background).
-    m = n + 1
+
+def _paint(rng: np.random.Generator, label: np.ndarray, radius: np.ndarray, cy: np.ndarray, cx: np.ndarray,
+           channels: int) -> np.ndarray:
+    """Each disk's colour with a gentle linear shading and a fine grain (index ``n`` is the background)."""
+    h, w = label.shape
+    m = len(radius) + 1
     base = rng.random(m)
     if channels == 3:
         chroma = rng.normal(0.0, 0.12, (m, 3)) * rng.random((m, 1))
@@ -103,14 +122,9 @@ def dead_leaves(
     cy = np.append(cy, h / 2.0)
     cx = np.append(cx, w / 2.0)
     radius = np.append(radius, max(h, w))
-
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     r = radius[label]
     shade = (grad[label, 0] * (yy - cy[label]) + grad[label, 1] * (xx - cx[label])) / r
     texture = ndimage.gaussian_filter(rng.standard_normal((h, w)), 0.7)
     texture /= texture.std() + 1e-12
-    img = color[label] + (shade + grain[label] * texture)[..., None]
-    sigma = rng.uniform(*blur)
-    img = ndimage.gaussian_filter(img, (sigma, sigma, 0.0), mode="reflect")
-    img = np.round(np.clip(img, 0.0, 1.0) * 255.0) / 255.0
-    return img.astype(np.float32)
+    return color[label] + (shade + grain[label] * texture)[..., None]

@@ -36,9 +36,16 @@ from converse_jax.models.dncnn import ConverseDnCNN
 from converse_jax.models.spec import Variant
 from converse_jax.models.srresnet import ConverseSRResNet, bilinear_upsample
 from converse_jax.models.usrnet import ConverseUSRNet
-from converse_jax.nn.conv import (DepthwiseConv, DepthwiseConvTranspose, ResizeConv, circular_conv_per_sample,
-                                  conv2d, nearest_upsample, pixel_shuffle)
 from converse_jax.nn.blocks import BlockStack
+from converse_jax.nn.conv import (
+    DepthwiseConv,
+    DepthwiseConvTranspose,
+    ResizeConv,
+    circular_conv_per_sample,
+    conv2d,
+    nearest_upsample,
+    pixel_shuffle,
+)
 from converse_jax.nn.layers import Converse2D, gelu
 
 __all__ = ["DnCNN", "MSRResNet", "ConvUSRNet", "conv_data_step", "conv_dncnn", "convt_dncnn", "dncnn_k5",
@@ -78,7 +85,7 @@ class DnCNN(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = jax.nn.relu(self.head(x))
-        for conv, norm in zip(self.convs, self.norms):
+        for conv, norm in zip(self.convs, self.norms, strict=False):
             h = jax.nn.relu(norm(conv(h)))
         return x - self.tail(h)
 

@@ -18,7 +18,8 @@ from converse_jax import tasks
 from converse_jax.models import baselines, conversenet, dncnn, srresnet, usrnet
 from converse_jax.models.spec import EvalProtocol, ModelSpec, Release, TrainRecipe
 
-_RELEASE_URL = "https://github.com/cszn/ConverseNet/raw/main/model_zoo/{}"  # the official repository keeps them in model_zoo/
+# the official repository keeps its released weights in model_zoo/
+_RELEASE_URL = "https://github.com/cszn/ConverseNet/raw/main/model_zoo/{}"
 
 
 def _release(filename: str, sha256: str) -> Release:

@@ -8,8 +8,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from converse_jax.nn import (BlockStack, Converse2D, ConverseBlock, apply_channels_first, block_key_to_path, gelu,
-                             pointwise)
+from converse_jax.nn import (
+    BlockStack,
+    Converse2D,
+    ConverseBlock,
+    apply_channels_first,
+    block_key_to_path,
+    gelu,
+    pointwise,
+)
 
 
 def bilinear_upsample(x: jax.Array, scale: int) -> jax.Array:
@@ -55,7 +62,7 @@ class ConverseSRResNet(nnx.Module):
         """(B, H, W, C) -> (B, H·upscale, W·upscale, C_out). Channels-first inside."""
         h = gelu(self.conv_first.channels_first(jnp.moveaxis(x, -1, 1)))
         h = self.body.channels_first(h)
-        for blk, up in zip(self.up_blocks, self.upsamplers):
+        for blk, up in zip(self.up_blocks, self.upsamplers, strict=False):
             h = gelu(apply_channels_first(up, blk.channels_first(h)))
         h = self.conv_last.channels_first(gelu(self.hr_block.channels_first(h)))
         return jnp.moveaxis(h, 1, -1) + bilinear_upsample(x, self.upscale)

@@ -1,8 +1,17 @@
 """Flax NNX layers and blocks (channels-last when called; ``channels_first`` methods for network internals)."""
 
 from converse_jax.nn.blocks import BlockStack, ConverseBlock
-from converse_jax.nn.layers import (DEFAULT_KERNEL_INIT, ChannelLayerNorm, Converse2D, Pointwise,
-                                    apply_channels_first, gelu, layer_norm, pointwise, softmax_kernel_init)
+from converse_jax.nn.layers import (
+                                    DEFAULT_KERNEL_INIT,
+                                    ChannelLayerNorm,
+                                    Converse2D,
+                                    Pointwise,
+                                    apply_channels_first,
+                                    gelu,
+                                    layer_norm,
+                                    pointwise,
+                                    softmax_kernel_init,
+)
 from converse_jax.nn.torch_names import block_key_to_path
 
 __all__ = ["DEFAULT_KERNEL_INIT", "BlockStack", "ChannelLayerNorm", "Converse2D", "ConverseBlock", "Pointwise",

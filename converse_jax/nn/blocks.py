@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ class ConverseBlock(nnx.Module):
 
     def __init__(self, channels: int, kernel_size: int = 3, *, padding: int = 2, padding_mode: str = "circular",
                  eps: float = 1e-5, alpha: bool = False,
-                 mixer: Optional[Callable[..., nnx.Module]] = None, param_dtype: Any = jnp.float32,
+                 mixer: Callable[..., nnx.Module] | None = None, param_dtype: Any = jnp.float32,
                  rngs: nnx.Rngs):
         hidden = 2 * channels
         kw = dict(param_dtype=param_dtype, rngs=rngs)

@@ -21,7 +21,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -42,7 +42,7 @@ __all__ = [
     "latest_checkpoint",
 ]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def load_saved_config(workdir: Path) -> dict[str, Any] | None:

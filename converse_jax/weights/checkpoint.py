@@ -16,7 +16,7 @@ import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -39,7 +39,7 @@ __all__ = [
 
 FORMAT = "converse_jax.weights"
 FORMAT_VERSION = 1
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def package_version() -> str:

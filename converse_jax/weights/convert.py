@@ -24,7 +24,8 @@ Problems inside a stack are reported by per-block name, folded as ``body.{0..19}
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Optional
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -57,7 +58,7 @@ def _dotted(key: PathKey) -> str:
 
 
 def to_jax_layout(src: np.ndarray, target_shape: tuple[int, ...],
-                  leaf: str) -> Optional[np.ndarray]:
+                  leaf: str) -> np.ndarray | None:
     """``src`` (PyTorch layout) rearranged to ``target_shape``, or None when no rule fits."""
     target_shape = tuple(int(d) for d in target_shape)
     if leaf == "kernel":
@@ -191,7 +192,7 @@ def _mismatch_error(source: str, model_name: str, missing: list[str], unexpected
     return WeightMismatchError("; ".join(parts), missing, unexpected, mismatched)
 
 
-def _as_torch_name(key_to_path: Callable[[str], Any], key: str) -> Optional[PathKey]:
+def _as_torch_name(key_to_path: Callable[[str], Any], key: str) -> PathKey | None:
     try:
         path = key_to_path(key)
     except (KeyError, ValueError, IndexError):

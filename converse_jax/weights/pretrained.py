@@ -14,7 +14,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, BinaryIO, Union
+from typing import Any, BinaryIO
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +42,7 @@ __all__ = [
     "convert_checkpoint",
 ]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 _CHUNK = 1 << 16
 
 
