@@ -51,7 +51,7 @@ class _Parser(argparse.ArgumentParser):
 def _recipes_epilog() -> str:
     from converse_jax.models import get_spec, list_models
 
-    lines = ["Defaults per model (the paper publishes no training recipe; PAPER.md §6 practice, "
+    lines = ["Defaults per model (the paper publishes no training recipe; practice of docs/training.md, "
              "see experiments/configs/<model>.py):"]
     for name in list_models():
         spec = get_spec(name)

@@ -525,4 +525,4 @@ def test_help_names_the_defaults_and_their_source():
     text = " ".join(build_parser().format_help().split())
     for name in FOUR:
         assert f"{name}: {get_spec(name).recipe.steps} steps" in text
-    assert "PAPER.md" in text and "--init-from" in text and "default: ./runs/<model>" in text
+    assert "docs/training.md" in text and "--init-from" in text and "default: ./runs/<model>" in text

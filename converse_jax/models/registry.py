@@ -26,7 +26,7 @@ def _release(filename: str, sha256: str) -> Release:
     return Release(filename=filename, sha256=sha256, url=_RELEASE_URL.format(filename))
 
 
-_DEBLUR_PAPER = {  # PAPER.md §5, kernels 1-5
+_DEBLUR_PAPER = {  # the paper's deblurring table (BSD100, Urban100), kernels 1-5
     "conversenet": {"bsd100": (27.69, 24.43, 31.28, 27.64, 27.31), "urban100": (24.24, 21.52, 23.16, 24.56, 22.56)},
     "usrnet": {"bsd100": (32.46, 31.20, 38.40, 32.21, 34.62), "urban100": (31.96, 30.59, 37.48, 31.95, 33.99)},
 }
@@ -34,7 +34,7 @@ _DEBLUR_PAPER = {  # PAPER.md §5, kernels 1-5
 _DEBLUR_RECIPE = TrainRecipe(
     patch_size=128, batch_size=16, steps=500_000, lr=1e-4, lr_milestones=(200_000, 300_000, 400_000), loss="l1",
     blur_noise=(0.0, 2.55),
-    source="USRNet-style deblurring practice (PAPER.md §6): random Gaussian and motion 7x7 kernels plus small "
+    source="USRNet-style deblurring practice (docs/training.md): random Gaussian and motion 7x7 kernels plus small "
            "noise, 128 px patches, Adam 1e-4, L1, step decay; the paper's own recipe is unpublished")
 
 _DEBLUR_PROTOCOL = dict(dataset="set5", color="rgb", border=1, metric="rgb", modcrop=8, kernels=(1, 2, 3, 4, 5),
@@ -59,7 +59,7 @@ register(ModelSpec(
     recipe=TrainRecipe(
         patch_size=64, batch_size=16, steps=200_000, lr=1e-4, lr_milestones=(100_000, 150_000), loss="l1",
         sigma=(25.0, 25.0),
-        source="DnCNN/KAIR practice (PAPER.md §6): Train400 patches, Adam 1e-4 halved in steps, L1; 64 px "
+        source="DnCNN/KAIR practice (docs/training.md): Train400 patches, Adam 1e-4 halved in steps, L1; 64 px "
                "patches because the 7x7 Converse2D pads by 6 on each side"),
     protocol=EvalProtocol(dataset="set12", color="gray", border=0, metric="rgb", sigma=25.0,
                           paper={"set12": 30.70, "bsd68": 29.36}),
@@ -73,7 +73,7 @@ register(ModelSpec(
     recipe=TrainRecipe(
         patch_size=96, batch_size=16, steps=1_000_000, lr=2e-4,
         lr_milestones=(250_000, 500_000, 750_000), loss="l1",
-        source="SRResNet/KAIR practice (PAPER.md §6): 96 px HR patches, bicubic x4, Adam 2e-4, L1, step decay"),
+        source="SRResNet/KAIR practice (docs/training.md): 96 px HR patches, bicubic x4, Adam 2e-4, L1, step decay"),
     protocol=EvalProtocol(dataset="set5", color="rgb", border=4, metric="y", scale=4, modcrop=4,
                           paper={"set5": 32.25, "set14": 28.72, "bsd100": 27.62, "urban100": 26.24}),
 ))

@@ -123,7 +123,7 @@ def _flag(name: str) -> str:
 
 
 def config_from_spec(name: str, **overrides: Any) -> TrainConfig:
-    """The default configuration of model ``name``: its registry recipe (PAPER.md §6 practice,
+    """The default configuration of model ``name``: its registry recipe (the practice of docs/training.md,
     see the recipe's ``source``) plus ``overrides``."""
     spec = get_spec(name)
     r = spec.recipe

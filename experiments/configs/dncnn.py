@@ -1,6 +1,6 @@
 """Converse-DnCNN (grayscale denoising, σ 25) training defaults.
 
-The paper publishes no recipe; these follow the DnCNN/KAIR practice of PAPER.md §6 as recorded in
+The paper publishes no recipe; these follow the DnCNN/KAIR practice described in docs/training.md, as recorded in
 the model's registry recipe: Train400-style gray patches (64 px, because the 7x7 Converse2D pads by
 6 pixels per side), global batch 16, Adam 1e-4 halved at 100k and 150k of 200k steps, L1 loss,
 σ = 25. The default data is the embedded synthetic source (no download); pass

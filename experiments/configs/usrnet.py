@@ -1,6 +1,6 @@
 """Converse-USRNet (non-blind deblurring) training defaults.
 
-Same practice as ConverseNet (USRNet-style deblurring, PAPER.md §6, the registry recipe): 128 px
+Same practice as ConverseNet (USRNet-style deblurring, docs/training.md, the registry recipe): 128 px
 patches, random 7x7 Gaussian or motion kernels given to the network with each image, noise σ
 uniform in [0, 2.55], global batch 16, Adam 1e-4 halved at 200k, 300k and 400k of 500k steps, L1.
 """
