@@ -155,7 +155,7 @@ def check_architectures(configs: Sequence[Any]) -> dict[str, int]:
     counts = {}
     for cfg in configs:
         try:
-            model = nnx.eval_shape(functools.partial(create, cfg.model, rngs=nnx.Rngs(0), **dict(cfg.model_kwargs)))
+            model = nnx.eval_shape(functools.partial(create, cfg.model, rngs=0, **dict(cfg.model_kwargs)))
         except (TypeError, ValueError) as exc:
             raise CompareError(f"--arch does not fit {cfg.model}: {one_line(exc)}") from None
         counts[cfg.model] = count_params(model)

@@ -23,6 +23,7 @@ from flax import nnx
 from conftest import require_asset
 from converse_jax.data import make_train_loader
 from converse_jax.models import create, get_spec, list_models
+from converse_jax.nn import BlockStack
 from converse_jax.train import (
     CheckpointStore,
     IncompatibleWorkdirError,
@@ -171,7 +172,10 @@ def test_training_view_uses_batch_statistics_and_unrolls_the_blocks():
     assert batch_statistics(mode_view(baseline, True)) == [True]
     assert batch_statistics(mode_view(baseline, False)) == [False]
     model = create("dncnn", rngs=0, features=4, num_blocks=2)
-    assert not mode_view(model, True).scan_blocks and mode_view(model, False).scan_blocks
+    def scanned(view):
+        return [m.scan_blocks for _, m in nnx.iter_graph(view) if isinstance(m, BlockStack)]
+
+    assert scanned(mode_view(model, True)) == [False] and scanned(mode_view(model, False)) == [True]
     mesh = make_data_mesh(1)
     tx = make_optimizer(config_from_spec("dncnn")).tx
     params, extra = split_state(model)
