@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import jax
 
-from converse_jax.models import list_models
+from converse_jax.models import get_spec, list_models
 from converse_jax.train import (
     IncompatibleWorkdirError,
     NonFiniteLossError,
@@ -49,7 +49,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _recipes_epilog() -> str:
-    from converse_jax.models import get_spec, list_models
 
     lines = ["Defaults per model (the paper publishes no training recipe; practice of docs/training.md, "
              "see experiments/configs/<model>.py):"]
