@@ -49,7 +49,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _recipes_epilog() -> str:
-
     lines = ["Defaults per model (the paper publishes no training recipe; practice of docs/training.md, "
              "see experiments/configs/<model>.py):"]
     for name in list_models():
