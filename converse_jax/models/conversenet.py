@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from converse_jax.nn import BlockStack, ConverseBlock, block_key_to_path, pointwise
+from converse_jax.nn import BlockStack, ConverseBlock, block_key_to_path, linear_key_to_path, pointwise
 
 
 class ConverseNet(nnx.Module):
@@ -44,8 +44,7 @@ def torch_key_to_path(key: str) -> tuple:
     :mod:`converse_jax.weights.convert`)."""
     parts = key.split(".")
     if parts[0] in ("conv1", "conv2") and len(parts) == 2:
-        if parts[1] in ("weight", "bias"):
-            return (parts[0], {"weight": "kernel", "bias": "bias"}[parts[1]])
+        return linear_key_to_path((parts[0],), parts[1], key)
     if parts[:2] == ["p", "m_body"] and len(parts) >= 4 and parts[2].isdigit():
         return ("prior", int(parts[2])) + block_key_to_path(parts[3:], key)
     raise KeyError(f"unexpected PyTorch key {key!r}")

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from converse_jax.nn import BlockStack, ConverseBlock, block_key_to_path, pointwise
+from converse_jax.nn import BlockStack, ConverseBlock, block_key_to_path, linear_key_to_path, pointwise
 
 
 class ConverseDnCNN(nnx.Module):
@@ -42,7 +42,7 @@ def torch_key_to_path(key: str) -> tuple:
     :mod:`converse_jax.weights.convert`)."""
     parts = key.split(".")
     if parts[0] in ("m_head", "m_tail") and len(parts) == 3 and parts[1] == "0":
-        return ("head" if parts[0] == "m_head" else "tail", {"weight": "kernel", "bias": "bias"}[parts[2]])
+        return linear_key_to_path(("head" if parts[0] == "m_head" else "tail",), parts[2], key)
     if parts[0] == "m_body" and len(parts) >= 3 and parts[1].isdigit():
         return ("body", int(parts[1])) + block_key_to_path(parts[2:], key)
     raise KeyError(f"unexpected PyTorch key {key!r}")

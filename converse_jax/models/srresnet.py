@@ -15,6 +15,7 @@ from converse_jax.nn import (
     apply_channels_first,
     block_key_to_path,
     gelu,
+    linear_key_to_path,
     pointwise,
 )
 
@@ -72,9 +73,8 @@ def torch_key_to_path(key: str) -> tuple:
     """Official ``ConverseMSRResNet`` state-dict key -> NNX path (per block: ``body.{i}...``, see
     :mod:`converse_jax.weights.convert`)."""
     parts = key.split(".")
-    linear = {"weight": "kernel", "bias": "bias"}
-    if parts[0] in ("conv_first", "conv_last") and len(parts) == 2 and parts[1] in linear:
-        return (parts[0], linear[parts[1]])
+    if parts[0] in ("conv_first", "conv_last") and len(parts) == 2:
+        return linear_key_to_path((parts[0],), parts[1], key)
     if parts[0] == "conv_body" and len(parts) >= 3 and parts[1].isdigit():
         return ("body", int(parts[1])) + block_key_to_path(parts[2:], key)
     if parts[0] in ("upconv1", "upconv2"):

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from converse_jax.nn import BlockStack, ConverseBlock, block_key_to_path, gelu, pointwise
+from converse_jax.nn import BlockStack, ConverseBlock, block_key_to_path, gelu, linear_key_to_path, pointwise
 from converse_jax.ops import converse2d, converse2d_channels_first, lambda_from_bias
 
 KERNEL_SIZE = 7
@@ -96,15 +96,14 @@ def torch_key_to_path(key: str) -> tuple:
     """Official ``USRNet`` (Converse) state-dict key -> NNX path (per block: ``prior.{i}...``, see
     :mod:`converse_jax.weights.convert`)."""
     parts = key.split(".")
-    linear = {"weight": "kernel", "bias": "bias"}
     if parts == ["d", "alpha"]:
         return ("data_alpha",)
-    if parts[0] in ("conv1", "conv2") and len(parts) == 2 and parts[1] in linear:
-        return (parts[0], linear[parts[1]])
-    if parts[0] == "kernelnet" and len(parts) == 3 and parts[1] in ("fc1", "fc2", "fc3") and parts[2] in linear:
-        return ("kernelnet", parts[1], linear[parts[2]])
-    if parts[0] == "convs" and len(parts) == 3 and parts[1].isdigit() and parts[2] in linear:
-        return ("kernel_convs", int(parts[1]), linear[parts[2]])
+    if parts[0] in ("conv1", "conv2") and len(parts) == 2:
+        return linear_key_to_path((parts[0],), parts[1], key)
+    if parts[0] == "kernelnet" and len(parts) == 3 and parts[1] in ("fc1", "fc2", "fc3"):
+        return linear_key_to_path(("kernelnet", parts[1]), parts[2], key)
+    if parts[0] == "convs" and len(parts) == 3 and parts[1].isdigit():
+        return linear_key_to_path(("kernel_convs", int(parts[1])), parts[2], key)
     if parts[:2] == ["p", "m_body"] and len(parts) >= 4 and parts[2].isdigit():
         return ("prior", int(parts[2])) + block_key_to_path(parts[3:], key)
     raise KeyError(f"unexpected PyTorch key {key!r}")

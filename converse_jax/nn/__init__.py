@@ -12,7 +12,8 @@ from converse_jax.nn.layers import (
                                     pointwise,
                                     softmax_kernel_init,
 )
-from converse_jax.nn.torch_names import block_key_to_path
+from converse_jax.nn.torch_names import block_key_to_path, linear_key_to_path
 
 __all__ = ["DEFAULT_KERNEL_INIT", "BlockStack", "ChannelLayerNorm", "Converse2D", "ConverseBlock", "Pointwise",
-           "apply_channels_first", "block_key_to_path", "gelu", "layer_norm", "pointwise", "softmax_kernel_init"]
+           "apply_channels_first", "block_key_to_path", "gelu", "layer_norm", "linear_key_to_path", "pointwise",
+           "softmax_kernel_init"]

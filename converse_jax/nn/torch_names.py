@@ -33,6 +33,11 @@ def leaf_path(kind: str, name: str, key: str) -> tuple[str, ...]:
         raise KeyError(f"unexpected PyTorch key {key!r}") from None
 
 
+def linear_key_to_path(prefix: tuple, name: str, key: str) -> tuple:
+    """Path of a PyTorch ``Conv2d(1x1)``/``Linear`` parameter ``name`` (weight, bias) of the layer at ``prefix``."""
+    return tuple(prefix) + leaf_path("linear", name, key)
+
+
 def block_key_to_path(parts: list[str], key: str) -> tuple:
     """Path inside a :class:`~converse_jax.nn.ConverseBlock` of a block-relative PyTorch key (split on '.')."""
     if len(parts) == 1 and parts[0] in ("alpha1", "alpha2"):
