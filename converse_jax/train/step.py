@@ -54,7 +54,7 @@ class Optimizer(NamedTuple):
 def mode_view(model: nnx.Module, train: bool) -> nnx.Module:
     """The model with BatchNorm-style layers in training (batch statistics) or evaluation mode, and the
     Converse networks' repeated blocks unrolled for training (faster to differentiate) or scanned for
-    evaluation (bounded memory): see :func:`converse_jax.nn.run_blocks`.
+    evaluation (bounded memory): see :class:`converse_jax.nn.BlockStack`.
 
     A model without one of the two options (no BatchNorm, or no repeated blocks) ignores it. Needs
     flax >= 0.12.5, whose ``nnx.view`` gives each module's ``set_view`` only the options it takes
