@@ -84,13 +84,25 @@ class _Proc:
                 f"--- stderr (end):\n{err[-6000:]}")
 
 
+_STARTED: list[_Proc] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left():
+    """Whatever happens in a test, no training process outlives it."""
+    yield
+    _kill(_STARTED)
+    _STARTED.clear()
+
+
 def _start(name: str, args: list[str], env: dict[str, str], logs: Path) -> _Proc:
     logs.mkdir(parents=True, exist_ok=True)
     out, err = logs / f"{name}.out", logs / f"{name}.err"
     with open(out, "w") as fo, open(err, "w") as fe:
         popen = subprocess.Popen([sys.executable, "-m", "experiments.train", *args], cwd=REPO, env=env,
                                  stdout=fo, stderr=fe, stdin=subprocess.DEVNULL)
-    return _Proc(name, popen, out, err)
+    _STARTED.append(_Proc(name, popen, out, err))
+    return _STARTED[-1]
 
 
 def _start_pair(flags: list[str], cache: str, logs: Path, port: int) -> list[_Proc]:
@@ -102,7 +114,7 @@ def _kill(procs: list[_Proc]) -> None:
     for proc in procs:
         if proc.popen.poll() is None:
             proc.popen.kill()
-            proc.popen.wait(timeout=30)
+        proc.popen.wait(timeout=30)
 
 
 def _fail(procs: list[_Proc], what: str) -> None:
@@ -115,19 +127,23 @@ def _fail(procs: list[_Proc], what: str) -> None:
 
 
 def _wait(procs: list[_Proc], expected: int, what: str, until=None, timeout: float = RUN_TIMEOUT) -> None:
-    """Wait until every process exits with ``expected`` (or, with ``until``, until ``until()`` holds
-    while all still run); a process that fails ends the others (they would wait for it)."""
+    """Wait until every process has exited with ``expected`` or, with ``until``, until ``until()``
+    holds while all still run. A process that ends otherwise ends the others (they would wait for it
+    in their next collective) and fails the test with what each process wrote."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         codes = [p.popen.poll() for p in procs]
-        if until is not None and until():
-            return
-        if any(c is not None and c != expected for c in codes) or (until is not None and any(c is not None
-                                                                                           for c in codes)):
+        if until is not None:
+            if until():
+                return
+            bad = any(c is not None for c in codes)
+        else:
+            if all(c == expected for c in codes):
+                return
+            bad = any(c is not None and c != expected for c in codes)
+        if bad:
             time.sleep(2.0)  # let the other process write its part of the story
-            _fail(procs, f"{what}: a process exited with {codes} (expected {expected})")
-        if until is None and all(c is not None for c in codes):
-            return
+            _fail(procs, f"{what}: exit statuses {[p.popen.poll() for p in procs]} (expected {expected})")
         time.sleep(0.05)
     _fail(procs, f"{what}: still running after {timeout:.0f} s")
 
@@ -148,6 +164,13 @@ def _run_pair(flags: list[str], cache: str, logs: Path, what: str) -> list[_Proc
 def _records(workdir: Path) -> list[dict]:
     path = workdir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _steps_logged(workdir: Path) -> int:
+    """Loss records in metrics.jsonl so far (read while it is written: a line being written is not counted)."""
+    path = workdir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return sum(1 for line in lines if line.endswith("}") and '"loss"' in line)
 
 
 def _losses(workdir: Path) -> dict[int, float]:
@@ -176,7 +199,7 @@ def test_two_processes_train_like_one_with_four_devices_and_resume_together(tmp_
     # 1. two processes, two devices each; SIGTERM to process 1 only, after a few steps: both stop after
     #    the same step, save it together and exit with 130
     procs = _start_pair(_flags(mp, 100000), cache_dir, tmp_path / "logs1", _free_port())
-    _wait(procs, 130, "first run", until=lambda: len(_losses(mp)) >= 3)
+    _wait(procs, 130, "first run", until=lambda: _steps_logged(mp) >= 3)
     procs[1].popen.send_signal(signal.SIGTERM)
     _wait(procs, 130, "first run, stopping after SIGTERM to process 1", timeout=120)
     out0 = procs[0].text()[0]
