@@ -4,6 +4,8 @@ stop together when only one of them is signalled, and resume together from their
 
 The processes run ``python -m experiments.train`` as a user would on two hosts, with a free local
 port for the coordinator; every run has a time limit, and a failure shows what each process wrote.
+The two processes compile the same programs side by side; gloo (the CPU collectives) fails a run where
+one of them reaches a new collective some 30 s after the other, far more than their usual difference.
 """
 
 from __future__ import annotations

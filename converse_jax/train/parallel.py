@@ -47,7 +47,8 @@ def setup_distributed(multihost: bool | None = None, *, coordinator_address: str
 
     The arguments go to ``jax.distributed.initialize``; the ones left None are detected there from the
     cluster's environment (SLURM, Open MPI, Cloud TPU, Kubernetes, ...). On CPU the processes exchange
-    data through gloo over TCP (set here when no other CPU collectives are configured). Must run before
+    data through gloo over TCP (set here when no other CPU collectives are configured); gloo gives up
+    when a process reaches a collective it has not run before about 30 s after the others. Must run before
     any other JAX call. Returns whether the run is multi-process; settings that cannot be right and a
     failure to reach the coordinator raise :class:`TrainConfigError`.
     """
