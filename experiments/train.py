@@ -7,6 +7,11 @@
 Rerunning the same command resumes from the workdir's last checkpoint. Ctrl-C (SIGINT) or SIGTERM
 finishes the current step, saves a checkpoint and exits with status 130. Compiled programs are cached
 in $CONVERSE_JAX_COMPILE_CACHE (default ~/.cache/converse_jax/xla; 'off' disables it).
+
+Multi-process (several hosts, or one process per GPU): the same command in every process with
+--multihost and one --workdir that all of them see; outside SLURM, Open MPI and Cloud TPU also
+--coordinator-address, --num-processes and --process-id. A signal to any process stops all of them
+after the same step.
 """
 
 from __future__ import annotations
@@ -94,10 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", help="architecture overrides for the model constructor, e.g. "
                                   "'features=16,num_blocks=4' (checkpoints then need the same --arch)")
     p.add_argument("--multihost", action="store_true", default=None,
-                   help="call jax.distributed.initialize() (also when $JAX_COORDINATOR_ADDRESS is set)")
-    p.add_argument("--coordinator-address", help="multi-host: host:port of process 0 (else auto-detected)")
-    p.add_argument("--num-processes", type=int, help="multi-host: number of processes (else auto-detected)")
-    p.add_argument("--process-id", type=int, help="multi-host: this process's index (else auto-detected)")
+                   help="join a multi-process run with jax.distributed.initialize() (also when "
+                        "$JAX_COORDINATOR_ADDRESS is set or one of the three options below is given); run the "
+                        "same command in every process, with one shared --workdir")
+    p.add_argument("--coordinator-address", help="multi-process: HOST:PORT of process 0 (else auto-detected on "
+                                                 "SLURM, Open MPI and Cloud TPU)")
+    p.add_argument("--num-processes", type=int, help="multi-process: number of processes (else auto-detected)")
+    p.add_argument("--process-id", type=int, help="multi-process: this process's index, 0..N-1 (else "
+                                                  "auto-detected)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -134,12 +143,21 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return dataclasses.replace(cfg, **over).validate()
 
 
+def _multihost(args: argparse.Namespace) -> bool | None:
+    """--multihost, implied by any of the options that only a multi-process run uses (None: decide
+    from the environment)."""
+    if args.multihost or any(v is not None for v in (args.coordinator_address, args.num_processes,
+                                                     args.process_id)):
+        return True
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     err = sys.stderr
     try:
-        setup_distributed(args.multihost, coordinator_address=args.coordinator_address,
+        setup_distributed(_multihost(args), coordinator_address=args.coordinator_address,
                           num_processes=args.num_processes, process_id=args.process_id)
         enable_compilation_cache()
         config = config_from_args(args)

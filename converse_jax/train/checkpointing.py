@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -124,11 +125,13 @@ class CheckpointStore:
     def save(self, step: int, params: Any, opt_state: Any, metadata: Mapping[str, Any]) -> Path:
         """Save the model's full state ``params`` (pure dict, see
         :func:`converse_jax.train.step.full_state`) and ``opt_state`` at ``step`` (asynchronously by
-        default)."""
+        default). In a multi-process run every process calls this at the same step (a collective)."""
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": int(step),
                 "source_file": f"training checkpoint {self.path(step)}", **dict(metadata)}
+        # the weights as host arrays (written once, by process 0): saved without the devices they lived
+        # on, they load anywhere (load_converted, evaluate) and still restore onto any mesh for training
         self.manager.save(int(step), args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
+            params=ocp.args.StandardSave(jax.tree.map(np.asarray, params)),
             opt_state=ocp.args.StandardSave(opt_state),
             metadata=ocp.args.JsonSave(meta)), force=True)
         return self.path(step)

@@ -39,7 +39,14 @@ from converse_jax.models import count_params, create, get_spec
 from converse_jax.train.checkpointing import CheckpointStore, latest_checkpoint, prepare_workdir
 from converse_jax.train.config import TrainConfig
 from converse_jax.train.errors import NonFiniteLossError, TrainConfigError
-from converse_jax.train.parallel import check_batch_size, make_data_mesh, replicate, replicated, shard_batch
+from converse_jax.train.parallel import (
+    any_process,
+    check_batch_size,
+    make_data_mesh,
+    replicate,
+    replicated,
+    shard_batch,
+)
 from converse_jax.train.step import (
     Optimizer,
     State,
@@ -432,11 +439,13 @@ class _Session:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{self.ema:.4g}", refresh=False)
             self._periodic(step, loss, metrics)
-            if interrupt.requested:
+            # every process stops after the same step, even when the signal reached only some of them
+            if any_process(interrupt.requested is not None):
                 if self.last_saved != step:
                     self.save(step, loss)
                 self.result.interrupted = True
-                self.write(f"{interrupt.requested} received: stopped after step {step}, checkpoint saved")
+                self.write(f"{interrupt.requested or 'a signal to another process'} received: stopped after "
+                           f"step {step}, checkpoint saved")
                 break
         return step
 

@@ -18,6 +18,7 @@ __all__ = [
     "DATA_AXIS",
     "multihost_requested",
     "setup_distributed",
+    "any_process",
     "make_data_mesh",
     "replicated",
     "batch_sharding",
@@ -40,20 +41,52 @@ def multihost_requested(flag: bool | None = None) -> bool:
     return bool(os.environ.get(_COORDINATOR_ENV))
 
 
-def setup_distributed(multihost: bool | None = None, **kwargs: Any) -> bool:
-    """Join a multi-host run when asked to (see :func:`multihost_requested`); ``kwargs`` go to
-    ``jax.distributed.initialize`` (coordinator_address, num_processes, process_id), which
-    otherwise detects them from the cluster environment (SLURM, Open MPI, Cloud TPU, ...).
+def setup_distributed(multihost: bool | None = None, *, coordinator_address: str | None = None,
+                      num_processes: int | None = None, process_id: int | None = None) -> bool:
+    """Join a multi-process run when asked to (see :func:`multihost_requested`).
 
-    Must run before any other JAX call. Returns whether the run is multi-host.
+    The arguments go to ``jax.distributed.initialize``; the ones left None are detected there from the
+    cluster's environment (SLURM, Open MPI, Cloud TPU, Kubernetes, ...). On CPU the processes exchange
+    data through gloo over TCP (set here when no other CPU collectives are configured); gloo gives up
+    when a process reaches a collective it has not run before about 30 s after the others. Must run before
+    any other JAX call. Returns whether the run is multi-process; settings that cannot be right and a
+    failure to reach the coordinator raise :class:`TrainConfigError`.
     """
     global _initialized
     if not multihost_requested(multihost):
         return False
-    if not _initialized:
-        jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
-        _initialized = True
+    if num_processes is not None and num_processes < 1:
+        raise TrainConfigError(f"--num-processes must be at least 1, got {num_processes}")
+    if process_id is not None and (process_id < 0 or (num_processes is not None and process_id >= num_processes)):
+        raise TrainConfigError(f"--process-id must be in 0..{(num_processes or 1) - 1} "
+                               f"(--num-processes {num_processes}), got {process_id}")
+    if coordinator_address is not None and not coordinator_address.rpartition(":")[2].isdigit():
+        raise TrainConfigError(f"--coordinator-address must be HOST:PORT (process 0's), got {coordinator_address!r}")
+    if _initialized:
+        return True
+    if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    given = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+    try:
+        jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
+    except (RuntimeError, ValueError) as exc:
+        where = ", ".join(f"{k} {v}" for k, v in given.items() if v is not None) or "auto-detected settings"
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrainConfigError(f"could not join the multi-process run ({where}): {msg}; check that every process "
+                               f"got the same coordinator address and process count and that process 0 runs") from exc
+    _initialized = True
     return True
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process of the run (every process must call this at the same
+    point: it is a collective). Lets all processes take the same decision, e.g. to stop after a signal
+    that reached only some of them; a plain ``bool`` in a single-process run."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
 def make_data_mesh(num_devices: int | None = None) -> Mesh:
