@@ -454,3 +454,28 @@ def test_registry_release_entries_match_shared_checksums():
         assert release.filename == weights
         assert release.sha256 == sums[weights]
         assert release.url.startswith("https://") and release.url.endswith("/" + weights)
+
+
+_SAVE_SHARDED = """
+import sys
+import jax, jax.numpy as jnp, orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
+from converse_jax.weights.checkpoint import FORMAT, FORMAT_VERSION, _checkpointer
+mesh = jax.make_mesh((4,), ("data",))
+x = jax.device_put(jnp.arange(6.0), NamedSharding(mesh, PartitionSpec()))
+meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": "dncnn"}
+_checkpointer().save(sys.argv[1], ocp.args.Composite(params=ocp.args.StandardSave({"head": {"bias": x}}),
+                                                     metadata=ocp.args.JsonSave(meta)))
+"""
+
+
+def test_a_checkpoint_written_from_four_devices_loads_on_one(tmp_path):
+    """Arrays saved with a 4-device sharding come back as host arrays in a 1-device process."""
+    target = tmp_path / "ckpt"
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", _SAVE_SHARDED, str(target)], check=True, env=env, timeout=300)
+    weights, meta = load_converted(target)
+    assert meta["model"] == "dncnn"
+    np.testing.assert_array_equal(weights[("head", "bias")], np.arange(6.0))
+    assert isinstance(weights[("head", "bias")], np.ndarray)

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
@@ -167,7 +168,10 @@ def load_converted(directory: PathLike) -> tuple[dict[PathKey, np.ndarray], dict
     meta = read_metadata(directory)
     ckptr = _checkpointer()
     try:
-        out = ckptr.restore(directory, ocp.args.Composite(params=ocp.args.PyTreeRestore()))
+        # Every leaf as a host array, whatever devices wrote it (a run on 4 devices loads on 1).
+        tree = ocp.PyTreeCheckpointHandler().metadata(directory / "params").tree
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        out = ckptr.restore(directory, ocp.args.Composite(params=ocp.args.PyTreeRestore(restore_args=as_numpy)))
     except Exception as exc:
         raise CheckpointFormatError(f"{directory}: unreadable converted weights "
                                     f"({type(exc).__name__}: {exc})") from None
