@@ -20,6 +20,8 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -374,18 +376,47 @@ def evaluate(model: Any, spec: Any, images: str | Path | Sequence[tuple[str, np.
     runs = []
     for kid in kernel_ids:
         desc = f"{spec.name} {dataset}" + (f" k{kid}" if kid is not None else "")
-        bar = tqdm(images, desc=desc, unit="img", disable=not progress, leave=False)
+        bar = _ImageProgress(desc, len(images), progress)
         results = []
-        for name, hr in bar:
+        for name, hr in images:
             res = _score_image(restorer, spec.task, protocol, name, hr, kid, x8, save_path)
             results.append(res)
-            if progress:
-                bar.set_postfix(psnr=f"{res.psnr:.2f}")
+            bar.step(res)
             if on_image is not None:
                 on_image(res)
         bar.close()
         runs.append(RunResult(results, kernel=kid, paper=paper_value(protocol, dataset, kid)))
     return EvalReport(spec.name, dataset, spec.task, protocol, runs, x8=x8)
+
+
+class _ImageProgress:
+    """Per-image progress on stderr: a tqdm bar in a terminal (80 columns when it reports none) or
+    a notebook; in a pipe one plain line per image, so no bar fragments mix into the table."""
+
+    def __init__(self, desc: str, total: int, enabled: bool) -> None:
+        self.desc, self.total, self.enabled, self.done = desc, total, enabled, 0
+        self.bar = None
+        if enabled and _interactive():
+            cols = shutil.get_terminal_size((0, 0)).columns
+            self.bar = tqdm(total=total, desc=desc, unit="img", leave=False, file=sys.stderr,
+                            ncols=None if cols > 0 else 80)
+
+    def step(self, res: ImageResult) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix(psnr=f"{res.psnr:.2f}")
+            self.bar.update(1)
+        elif self.enabled:
+            print(f"{self.desc}: {self.done}/{self.total} {res.image} PSNR {res.psnr:.2f}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _interactive() -> bool:
+    """stderr is a terminal, or this runs in a notebook kernel (tqdm.auto draws a widget there)."""
+    return "ipykernel" in sys.modules or sys.stderr.isatty()
 
 
 def _score_image(restorer: Restorer, task: Task, protocol: Any, name: str, hr: np.ndarray, kid: int | None,

@@ -103,6 +103,8 @@ def _restore_one(args: argparse.Namespace, ctx: dict, src: Path, dst: Path, inde
     tile = args.tile
     if tile is None:
         if ctx.get("mem") is None:
+            print(f"estimating the memory {args.model} needs (XLA's analysis of two small compilations); "
+                  "--tile=N skips this", file=sys.stderr, flush=True)
             ctx["mem"] = E.memory_model(ctx["model"], ctx["spec"], args.sf)
         tile = E.auto_tile(ctx["mem"], ctx["spec"], h, w, ctx["budget"], args.sf)
     how = "whole image" if tile == 0 or tile >= max(h, w) else f"tiles of {tile} px, overlap {args.tile_overlap}"

@@ -514,3 +514,11 @@ def test_restorer_reads_current_weights():
     np.testing.assert_allclose(r(x), x)
     model.gain[...] = jnp.asarray(2.0, jnp.float32)
     np.testing.assert_allclose(r(x), 2 * x)
+
+
+def test_evaluate_progress_in_a_pipe_is_plain_lines(capsys):
+    images = [(f"{i}.png", np.full((16, 16, 1), 100 + i, np.uint8)) for i in range(2)]
+    E.evaluate(Gain(1.0), _spec(DENOISE, 1, DENOISE_PROTOCOL), images, progress=True)
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" PSNR")[0] for line in err] == ["standin set12: 1/2 0.png", "standin set12: 2/2 1.png"]
+    assert "\r" not in "".join(err)
