@@ -496,7 +496,7 @@ DEFAULT_OVERLAP = 32  # input pixels shared by neighbouring tiles (see docs/rest
 
 
 def make_restorer(model: Any, spec: Any, tile: int = 0, overlap: int = DEFAULT_OVERLAP, *, batch: int = 1,
-                  blend: str = "window", on_tile: Callable[[int, int], None] | None = None) -> Any:
+                  blend: str = "crop", on_tile: Callable[[int, int], None] | None = None) -> Any:
     """The whole-image :class:`Restorer` (``tile=0``) or a :class:`~converse_jax.tiling.TiledRestorer`
     with tiles of ``tile`` input pixels sharing ``overlap``; both are called ``r(x, kernel, sf=, x8=)``."""
     if tile < 0:

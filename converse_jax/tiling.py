@@ -12,9 +12,11 @@ Why tiles differ from the whole image at all: the networks pad circularly (and C
 solves its deconvolution with FFTs, which treat an image as periodic), so the whole image
 wraps around its own border; a tile wraps around a border that is not there in the photo,
 and its outer pixels are wrong by an amount that decays with the distance from the tile edge.
-Overlapping tiles hide this: ``blend="window"`` weights each tile by a ramp that falls to near
-zero at its edges over ``overlap`` pixels; ``blend="crop"`` keeps from each tile only the part
-nearer to its centre than to any neighbour's (centre crops). The weights are separable and
+Overlapping tiles hide this: ``blend="crop"`` (the default) keeps from each tile only the part
+nearer to its centre than to any neighbour's (centre crops); ``blend="window"`` weights each tile
+by a ramp that falls to near zero at its edges over ``overlap`` pixels. Centre crops agreed
+better with the whole image for the deblurring networks, whose FFT solvers ring from a tile's
+edge far into it, and as well for the others (docs/restore.md has the measurements). The weights are separable and
 normalised per row and column, so they sum to one at every output pixel.
 
 Layering: at the evaluation layer; imports tasks, degradations and JAX only.
@@ -160,7 +162,7 @@ class TiledRestorer:
     """
 
     def __init__(self, model: Any, task: Task, *, scale: int = 1, tile: int = 256, overlap: int = 16,
-                 batch: int = 1, blend: str = "window",
+                 batch: int = 1, blend: str = "crop",
                  on_tile: Callable[[int, int], None] | None = None) -> None:
         if blend not in BLENDS:
             raise ValueError(f"blend must be one of {', '.join(BLENDS)}, got {blend!r}")

@@ -35,7 +35,7 @@ def run_main(run: Callable[[argparse.Namespace], int], args: argparse.Namespace)
 
 
 def add_tile_flags(p: argparse.ArgumentParser, whole_by_default: bool = False) -> None:
-    """--tile, --tile-overlap, --max-memory and --overwrite."""
+    """--tile, --tile-overlap, --tile-blend, --max-memory (restore only) and --overwrite."""
     from converse_jax.evaluation import DEFAULT_OVERLAP
 
     default = ("0: the whole image, the paper's protocol" if whole_by_default else
@@ -44,6 +44,8 @@ def add_tile_flags(p: argparse.ArgumentParser, whole_by_default: bool = False) -
                    help=f"restore in overlapping N x N tiles (input pixels; 0 = whole image). Default: {default}")
     p.add_argument("--tile-overlap", type=int, default=DEFAULT_OVERLAP, metavar="M",
                    help=f"input pixels shared by neighbouring tiles (default {DEFAULT_OVERLAP})")
+    p.add_argument("--tile-blend", choices=("crop", "window"), default="crop",
+                   help="how overlaps are joined: centre crops (default) or a smooth window")
     if not whole_by_default:
         p.add_argument("--max-memory", type=float, metavar="GiB",
                        help="memory budget for choosing the tile (default: 90%% of the accelerator's memory, "

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     print("restoring each image " + (f"in tiles of {tile} px, overlap {args.tile_overlap} (--tile)" if tile else
                                      "whole, as the paper's protocol does (--tile=N for tiles)"), file=sys.stderr)
     model, spec = E.load_model(args.model, args.weights)
-    restorer = E.make_restorer(model, spec, tile, args.tile_overlap)
+    restorer = E.make_restorer(model, spec, tile, args.tile_overlap, blend=args.tile_blend)
     report = E.evaluate(model, spec, images, protocol=protocol, dataset=dataset, x8=args.x8,
                         save_dir=args.save_images, progress=not args.no_progress, restorer=restorer)
     print(report.format_table())

@@ -110,7 +110,8 @@ def _restore_one(args: argparse.Namespace, ctx: dict, src: Path, dst: Path, inde
     how = "whole image" if tile == 0 or tile >= max(h, w) else f"tiles of {tile} px, overlap {args.tile_overlap}"
     print(f"{index} {src} ({w}x{h}): {how}", flush=True)
     progress = Progress(f"{src.name}", enabled=not args.no_progress)
-    restorer = E.make_restorer(ctx["model"], ctx["spec"], tile, args.tile_overlap, on_tile=progress)
+    restorer = E.make_restorer(ctx["model"], ctx["spec"], tile, args.tile_overlap, blend=args.tile_blend,
+                                on_tile=progress)
     t0 = time.monotonic()
     try:
         out = E.restore_array(restorer, ctx["spec"], img, kernel=ctx["kernel"], sf=args.sf, x8=args.x8)
