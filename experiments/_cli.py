@@ -81,7 +81,7 @@ def oom_hint(tile: int, height: int, width: int) -> str:
     """The ``--tile`` value to try after running out of memory at ``tile`` (0: whole image)."""
     current = tile if tile > 0 else max(height, width)
     suggest = max(64, 1 << max(6, (current // 2).bit_length() - 1))
-    return f"out of memory; try --tile={suggest} (or a smaller --tile, or a larger --max-memory only if more is free)"
+    return f"out of memory; try --tile={suggest} (smaller tiles need less memory)"
 
 
 class Progress:
@@ -103,6 +103,8 @@ class Progress:
                 cols = shutil.get_terminal_size((0, 0)).columns
                 self._bar = tqdm(total=total, desc=self.label, unit="tile", file=self.stream, leave=False,
                                  ncols=None if cols > 0 else 80)
+            if done < self._bar.n:  # a gray network restores an RGB image channel by channel
+                self._bar.reset(total)
             self._bar.update(done - self._bar.n)
             return
         now = time.monotonic()

@@ -21,7 +21,8 @@ from pathlib import Path
 from converse_jax import evaluation as E
 from converse_jax.evaluation import DATASETS
 from converse_jax.fileio import write_json_atomic
-from experiments._cli import add_tile_flags, check_output_dir, check_output_file, run_main
+from converse_jax.tiling import is_out_of_memory
+from experiments._cli import add_tile_flags, check_output_dir, check_output_file, oom_hint, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,8 +68,14 @@ def run(args: argparse.Namespace) -> int:
                                      "whole, as the paper's protocol does (--tile=N for tiles)"), file=sys.stderr)
     model, spec = E.load_model(args.model, args.weights)
     restorer = E.make_restorer(model, spec, tile, args.tile_overlap, blend=args.tile_blend)
-    report = E.evaluate(model, spec, images, protocol=protocol, dataset=dataset, x8=args.x8,
-                        save_dir=args.save_images, progress=not args.no_progress, restorer=restorer)
+    try:
+        report = E.evaluate(model, spec, images, protocol=protocol, dataset=dataset, x8=args.x8,
+                            save_dir=args.save_images, progress=not args.no_progress, restorer=restorer)
+    except Exception as exc:  # noqa: BLE001 - out-of-memory is any of several XLA error types
+        if is_out_of_memory(exc):
+            side = max(max(img.shape[:2]) for _, img in images)
+            raise ValueError(oom_hint(tile, side, side)) from None
+        raise
     print(report.format_table())
     if json_path is not None:
         write_json_atomic(json_path, report.to_dict())

@@ -522,3 +522,23 @@ def test_evaluate_progress_in_a_pipe_is_plain_lines(capsys):
     err = capsys.readouterr().err.splitlines()
     assert [line.split(" PSNR")[0] for line in err] == ["standin set12: 1/2 0.png", "standin set12: 2/2 1.png"]
     assert "\r" not in "".join(err)
+
+
+def test_out_of_memory_is_one_line_naming_a_tile(tmp_path, capsys, monkeypatch):
+    _registry_or_skip()
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("INTERNAL: Error dispatching computation: Out of memory allocating 5425792516 bytes")
+
+    monkeypatch.setattr(E, "load_model", lambda name, weights=None: (Gain(1.0), E.get_model_spec(name)))
+    monkeypatch.setattr(E, "restore_array", oom)
+    monkeypatch.setattr(E, "evaluate", oom)
+    img = tmp_path / "big.png"
+    write_image(img, np.zeros((300, 200, 1), np.uint8))
+    assert _cli("restore", "--model=dncnn", f"--input={img}", f"--output={tmp_path / 'o.png'}", "--tile=0") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: ") and "big.png" in err[0] and "--tile=128" in err[0]
+    assert "Traceback" not in "".join(err)
+    assert _cli("evaluate", "--model=dncnn", f"--data-dir={tmp_path}") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: out of memory") and "--tile=128" in err[-1] and "Traceback" not in "".join(err)

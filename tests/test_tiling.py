@@ -180,3 +180,31 @@ def test_real_network_tiles_agree_with_the_whole_image():
     tiled = E.make_restorer(model, spec, 64, 16)(lq)
     assert tiled.shape == whole.shape
     assert M.psnr(D.to_uint8(tiled), D.to_uint8(whole)) > 40.0
+
+
+def test_batches_are_sharded_over_several_devices(tmp_path):
+    """Two forced host devices: the batch rounds up to a multiple of 2 and the result is unchanged."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import numpy as np, jax, jax.numpy as jnp\n"
+        "from flax import nnx\n"
+        "from converse_jax.tiling import TiledRestorer\n"
+        "from converse_jax.tasks import DENOISE\n"
+        "class G(nnx.Module):\n"
+        "    def __init__(self): self.g = nnx.Param(jnp.asarray(0.5))\n"
+        "    def __call__(self, x): return x * self.g[...]\n"
+        "r = TiledRestorer(G(), DENOISE, tile=16, overlap=4, batch=3)\n"
+        "x = np.random.default_rng(0).random((40, 50, 1), dtype=np.float32)\n"
+        "assert len(jax.local_devices()) == 2 and r.batch == 4, (jax.local_devices(), r.batch)\n"
+        "assert np.abs(r(x) - x * 0.5).max() < 1e-6\n"
+        "print('ok')\n")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
