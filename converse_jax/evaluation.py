@@ -39,6 +39,7 @@ from converse_jax.tiling import MemoryModel, TiledRestorer, choose_tile, fit_mem
 from converse_jax.weights import load_pretrained
 
 __all__ = [
+    "CPU_BUDGET_GIB",
     "DATASETS",
     "DEFAULT_OVERLAP",
     "DatasetInfo",
@@ -493,6 +494,7 @@ def restore_array(restorer: Restorer, spec: Any, img: np.ndarray, *,
 # Tiles and memory
 
 DEFAULT_OVERLAP = 32  # input pixels shared by neighbouring tiles (see docs/restore.md for the measurements)
+CPU_BUDGET_GIB = 2.0  # the default memory budget's cap on CPU
 
 
 def make_restorer(model: Any, spec: Any, tile: int = 0, overlap: int = DEFAULT_OVERLAP, *, batch: int = 1,
@@ -509,8 +511,9 @@ def make_restorer(model: Any, spec: Any, tile: int = 0, overlap: int = DEFAULT_O
 
 def memory_budget(max_memory_gib: float | None = None) -> float:
     """Bytes a restoration may use: ``max_memory_gib`` GiB if given; else 90% of the accelerator's
-    memory, or on CPU half of the memory the system reports available (other programs, and
-    the host copies XLA makes, need the rest)."""
+    memory, or on CPU half of the memory the system reports available, at most
+    :data:`CPU_BUDGET_GIB` GiB (on CPU tiles cost little speed, and other programs and the host
+    copies XLA makes need the rest)."""
     if max_memory_gib is not None:
         if not max_memory_gib > 0:
             raise ValueError(f"--max-memory must be > 0 GiB, got {max_memory_gib}")
@@ -522,7 +525,7 @@ def memory_budget(max_memory_gib: float | None = None) -> float:
         stats = dev.memory_stats() or {}
         if stats.get("bytes_limit"):
             return 0.9 * float(stats["bytes_limit"])
-    return 0.5 * _available_ram()
+    return min(0.5 * _available_ram(), CPU_BUDGET_GIB * 2**30)
 
 
 def _available_ram() -> float:

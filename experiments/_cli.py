@@ -48,8 +48,8 @@ def add_tile_flags(p: argparse.ArgumentParser, whole_by_default: bool = False) -
                    help="how overlaps are joined: centre crops (default) or a smooth window")
     if not whole_by_default:
         p.add_argument("--max-memory", type=float, metavar="GiB",
-                       help="memory budget for choosing the tile (default: 90%% of the accelerator's memory, "
-                            "or half the available RAM on CPU)")
+                       help="memory budget for choosing the tile (default: 90%% of the accelerator's memory; "
+                            "on CPU half the available RAM, at most 2 GiB)")
     p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
 
 
