@@ -60,8 +60,7 @@ def check_output_file(path: Path, flag: str, overwrite: bool) -> None:
         raise ValueError(f"{flag} {path} is a folder: give a file name")
     if not path.parent.is_dir():
         raise ValueError(f"{flag}: folder {path.parent} does not exist; create it first")
-    if not os.access(path.parent, os.W_OK):
-        raise ValueError(f"{flag}: folder {path.parent} is not writable; choose another place")
+    _check_writable(path.parent, flag)
     if path.exists() and not overwrite:
         raise ValueError(f"{flag} {path} already exists; pass --overwrite to replace it or choose another name")
 
@@ -73,8 +72,18 @@ def check_output_dir(path: Path, flag: str) -> None:
     parent = path
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"{flag}: {parent} is not writable; choose another folder")
+    _check_writable(parent, flag)
+
+
+def _check_writable(folder: Path, flag: str) -> None:
+    """Create and remove a probe file in ``folder`` (permission bits alone miss read-only mounts
+    and virtual file systems, and say yes to root)."""
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        probe.open("x").close()
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"{flag}: cannot write in {folder} ({exc.strerror or exc}); choose another place") from None
 
 
 def oom_hint(tile: int, height: int, width: int) -> str:
