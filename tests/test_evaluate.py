@@ -454,6 +454,9 @@ def test_outputs_are_checked_before_any_compute(tmp_path, capsys, monkeypatch):
     assert "already exist" in _one_error_line(capsys) and done.read_bytes() == b"keep me"
     assert _cli("restore", f"--model={dn}", f"--input={img}", f"--output={tmp_path / 'no' / 'o.png'}") == 2
     assert "does not exist" in _one_error_line(capsys)
+    if Path("/proc/self").is_dir():  # a folder nobody can create files in, even root
+        assert _cli("restore", f"--model={dn}", f"--input={img}", "--output=/proc/o.png") == 2
+        assert "cannot write" in _one_error_line(capsys)
     assert _cli("restore", f"--model={dn}", f"--input={img}", f"--output={tmp_path / 'o.png'}", "--tile=-1") == 2
     assert "--tile" in _one_error_line(capsys)
     data = tmp_path / "data"
