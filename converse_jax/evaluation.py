@@ -9,7 +9,10 @@
   shape), optionally with the 8-fold flip/rotate self-ensemble;
 - :func:`evaluate` runs a whole folder and returns an :class:`EvalReport` (per-image and
   average PSNR/SSIM, per kernel for deblurring) that prints as a table or dumps to JSON;
-- :func:`restore_array` restores a user's image, handling gray/RGB mismatches per model.
+- :func:`restore_array` restores a user's image, handling gray/RGB mismatches per model;
+- :func:`make_restorer` gives the whole-image :class:`Restorer` or a tiled one
+  (:class:`~converse_jax.tiling.TiledRestorer`, images of any size in bounded memory), and
+  :func:`memory_budget` / :func:`auto_tile` pick the tile that fits a memory budget.
 
 ``experiments/evaluate.py`` and ``experiments/restore.py`` are thin command lines over this.
 """
@@ -17,6 +20,8 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,24 +35,32 @@ from converse_jax.assets import asset
 from converse_jax.imageio import list_images, read_image, write_image
 from converse_jax.models import get_spec, list_models
 from converse_jax.tasks import DENOISE, Task, jit_forward
+from converse_jax.tiling import MemoryModel, TiledRestorer, choose_tile, fit_memory_model
 from converse_jax.weights import load_pretrained
 
 __all__ = [
+    "CPU_BUDGET_GIB",
     "DATASETS",
+    "DEFAULT_OVERLAP",
     "DatasetInfo",
     "EvalReport",
     "ImageResult",
     "Restorer",
     "RunResult",
+    "auto_tile",
     "check_restore_options",
     "dataset_dir",
     "evaluate",
     "get_model_spec",
     "load_model",
     "load_test_images",
+    "make_restorer",
+    "memory_budget",
+    "memory_model",
     "paper_value",
     "resolve_protocol",
     "restore_array",
+    "check_kernel_size",
 ]
 
 
@@ -364,18 +377,47 @@ def evaluate(model: Any, spec: Any, images: str | Path | Sequence[tuple[str, np.
     runs = []
     for kid in kernel_ids:
         desc = f"{spec.name} {dataset}" + (f" k{kid}" if kid is not None else "")
-        bar = tqdm(images, desc=desc, unit="img", disable=not progress, leave=False)
+        bar = _ImageProgress(desc, len(images), progress)
         results = []
-        for name, hr in bar:
+        for name, hr in images:
             res = _score_image(restorer, spec.task, protocol, name, hr, kid, x8, save_path)
             results.append(res)
-            if progress:
-                bar.set_postfix(psnr=f"{res.psnr:.2f}")
+            bar.step(res)
             if on_image is not None:
                 on_image(res)
         bar.close()
         runs.append(RunResult(results, kernel=kid, paper=paper_value(protocol, dataset, kid)))
     return EvalReport(spec.name, dataset, spec.task, protocol, runs, x8=x8)
+
+
+class _ImageProgress:
+    """Per-image progress on stderr: a tqdm bar in a terminal (80 columns when it reports none) or
+    a notebook; in a pipe one plain line per image, so no bar fragments mix into the table."""
+
+    def __init__(self, desc: str, total: int, enabled: bool) -> None:
+        self.desc, self.total, self.enabled, self.done = desc, total, enabled, 0
+        self.bar = None
+        if enabled and _interactive():
+            cols = shutil.get_terminal_size((0, 0)).columns
+            self.bar = tqdm(total=total, desc=desc, unit="img", leave=False, file=sys.stderr,
+                            ncols=None if cols > 0 else 80)
+
+    def step(self, res: ImageResult) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix(psnr=f"{res.psnr:.2f}")
+            self.bar.update(1)
+        elif self.enabled:
+            print(f"{self.desc}: {self.done}/{self.total} {res.image} PSNR {res.psnr:.2f}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _interactive() -> bool:
+    """stderr is a terminal, or this runs in a notebook kernel (tqdm.auto draws a widget there)."""
+    return "ipykernel" in sys.modules or sys.stderr.isatty()
 
 
 def _score_image(restorer: Restorer, task: Task, protocol: Any, name: str, hr: np.ndarray, kid: int | None,
@@ -446,3 +488,82 @@ def restore_array(restorer: Restorer, spec: Any, img: np.ndarray, *,
     else:
         raise ValueError(f"model {spec.name} takes {channels}-channel images")
     return D.to_uint8(out)
+
+
+# ----------------------------------------------------------------------------------------
+# Tiles and memory
+
+DEFAULT_OVERLAP = 32  # input pixels shared by neighbouring tiles (see docs/restore.md for the measurements)
+CPU_BUDGET_GIB = 2.0  # the default memory budget's cap on CPU
+
+
+def make_restorer(model: Any, spec: Any, tile: int = 0, overlap: int = DEFAULT_OVERLAP, *, batch: int = 1,
+                  blend: str = "crop", on_tile: Callable[[int, int], None] | None = None) -> Any:
+    """The whole-image :class:`Restorer` (``tile=0``) or a :class:`~converse_jax.tiling.TiledRestorer`
+    with tiles of ``tile`` input pixels sharing ``overlap``; both are called ``r(x, kernel, sf=, x8=)``."""
+    if tile < 0:
+        raise ValueError(f"--tile must be >= 0 (0: the whole image), got {tile}")
+    if tile == 0:
+        return Restorer(model, spec.task)
+    return TiledRestorer(model, spec.task, scale=int(spec.scale), tile=tile, overlap=overlap, batch=batch,
+                         blend=blend, on_tile=on_tile)
+
+
+def memory_budget(max_memory_gib: float | None = None) -> float:
+    """Bytes a restoration may use: ``max_memory_gib`` GiB if given; else 90% of the accelerator's
+    memory, or on CPU half of the memory the system reports available, at most
+    :data:`CPU_BUDGET_GIB` GiB (on CPU tiles cost little speed, and other programs and the host
+    copies XLA makes need the rest)."""
+    if max_memory_gib is not None:
+        if not max_memory_gib > 0:
+            raise ValueError(f"--max-memory must be > 0 GiB, got {max_memory_gib}")
+        return float(max_memory_gib) * 2**30
+    import jax
+
+    dev = jax.local_devices()[0]
+    if dev.platform != "cpu":
+        stats = dev.memory_stats() or {}
+        if stats.get("bytes_limit"):
+            return 0.9 * float(stats["bytes_limit"])
+    return min(0.5 * _available_ram(), CPU_BUDGET_GIB * 2**30)
+
+
+def _available_ram() -> float:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def memory_model(model: Any, spec: Any, sf: int = 1) -> MemoryModel:
+    """Peak bytes of one call of this network as a function of pixels, from XLA's compiled memory
+    analysis at two small sizes (:func:`~converse_jax.tiling.fit_memory_model`)."""
+    ksize = getattr(model, "blur_kernel_size", None) if spec.task.takes_kernel else None
+    return fit_memory_model(model, spec.task, int(spec.in_channels), ksize, sf)
+
+
+def auto_tile(mem: MemoryModel, spec: Any, height: int, width: int, budget: float, sf: int = 1) -> int:
+    """0 (the whole image) when restoring a ``height`` x ``width`` input whole fits ``budget``
+    bytes by ``mem``'s estimate, else the largest standard tile that does."""
+    scale = int(spec.scale) * int(sf)
+
+    def estimate(tile: int) -> float:
+        return mem.peak_bytes(height, width, int(spec.in_channels), scale, tile)
+
+    return choose_tile(estimate, height, width, budget)
+
+
+def check_kernel_size(model: Any, kernel: np.ndarray | None) -> None:
+    """ValueError when ``kernel``'s shape is not the (k, k) the network was built for."""
+    k = getattr(model, "blur_kernel_size", None)
+    if kernel is None or k is None:
+        return
+    if tuple(np.shape(kernel)) != (k, k):
+        raise ValueError(f"--kernel is {np.shape(kernel)[0]}x{np.shape(kernel)[1]}, this model takes {k}x{k} "
+                         f"blur kernels: resample or crop it to {k}x{k}")

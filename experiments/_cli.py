@@ -1,10 +1,16 @@
-"""What every command-line entry point shares: one-line errors and exit codes."""
+"""What every command-line entry point shares: one-line errors and exit codes; for restore and
+evaluate also the tile flags, output checks and per-tile progress."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 
 def one_line(exc: BaseException) -> str:
@@ -22,3 +28,108 @@ def run_main(run: Callable[[argparse.Namespace], int], args: argparse.Namespace)
     except (ValueError, OSError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiles, memory and outputs (restore and evaluate)
+
+
+def add_tile_flags(p: argparse.ArgumentParser, whole_by_default: bool = False) -> None:
+    """--tile, --tile-overlap, --tile-blend, --max-memory (restore only) and --overwrite."""
+    from converse_jax.evaluation import DEFAULT_OVERLAP
+
+    default = ("0: the whole image, the paper's protocol" if whole_by_default else
+               "the whole image when its estimated peak memory fits --max-memory, else the largest tile that does")
+    p.add_argument("--tile", type=int, metavar="N",
+                   help=f"restore in overlapping N x N tiles (input pixels; 0 = whole image). Default: {default}")
+    p.add_argument("--tile-overlap", type=int, default=DEFAULT_OVERLAP, metavar="M",
+                   help=f"input pixels shared by neighbouring tiles (default {DEFAULT_OVERLAP})")
+    p.add_argument("--tile-blend", choices=("crop", "window"), default="crop",
+                   help="how overlaps are joined: centre crops (default) or a smooth window")
+    if not whole_by_default:
+        p.add_argument("--max-memory", type=float, metavar="GiB",
+                       help="memory budget for choosing the tile (default: 90%% of the accelerator's memory; "
+                            "on CPU half the available RAM, at most 2 GiB)")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
+
+
+def check_output_file(path: Path, flag: str, overwrite: bool) -> None:
+    """ValueError unless ``path`` can be written: its folder exists and is writable, it is not a
+    folder, and it does not exist yet (or ``overwrite``)."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder: give a file name")
+    if not path.parent.is_dir():
+        raise ValueError(f"{flag}: folder {path.parent} does not exist; create it first")
+    _check_writable(path.parent, flag)
+    if path.exists() and not overwrite:
+        raise ValueError(f"{flag} {path} already exists; pass --overwrite to replace it or choose another name")
+
+
+def check_output_dir(path: Path, flag: str) -> None:
+    """ValueError unless ``path`` is (or can be created as) a writable folder."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file: give a folder")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    _check_writable(parent, flag)
+
+
+def _check_writable(folder: Path, flag: str) -> None:
+    """Create and remove a probe file in ``folder`` (permission bits alone miss read-only mounts
+    and virtual file systems, and say yes to root)."""
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        probe.open("x").close()
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"{flag}: cannot write in {folder} ({exc.strerror or exc}); choose another place") from None
+
+
+def oom_hint(tile: int, height: int, width: int) -> str:
+    """The ``--tile`` value to try after running out of memory at ``tile`` (0: whole image)."""
+    current = tile if tile > 0 else max(height, width)
+    suggest = max(64, 1 << max(6, (current // 2).bit_length() - 1))
+    return f"out of memory; try --tile={suggest} (smaller tiles need less memory)"
+
+
+class Progress:
+    """Per-tile progress of one image: a tqdm bar in a terminal or notebook (a fixed width when the
+    terminal reports 0 columns), plain ``label: tile i/n`` lines at most every few seconds in a pipe."""
+
+    def __init__(self, label: str, stream: Any = None, every_s: float = 5.0, enabled: bool = True) -> None:
+        self.label, self.stream, self.every_s, self.enabled = label, stream or sys.stderr, every_s, enabled
+        self._bar: Any = None
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total <= 1:
+            return
+        if _interactive(self.stream):
+            if self._bar is None:
+                from tqdm.auto import tqdm
+
+                cols = shutil.get_terminal_size((0, 0)).columns
+                self._bar = tqdm(total=total, desc=self.label, unit="tile", file=self.stream, leave=False,
+                                 ncols=None if cols > 0 else 80)
+            if done < self._bar.n:  # a gray network restores an RGB image channel by channel
+                self._bar.reset(total)
+            self._bar.update(done - self._bar.n)
+            return
+        now = time.monotonic()
+        if done == total or now - self._last >= self.every_s or self._last == 0.0:
+            self._last = now
+            print(f"{self.label}: tile {done}/{total}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _interactive(stream: Any) -> bool:
+    """A terminal, or a notebook (ipykernel's stream is no tty but shows tqdm's widget)."""
+    if "ipykernel" in sys.modules:
+        return True
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())

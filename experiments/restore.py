@@ -2,12 +2,18 @@
 
     python -m experiments.restore --model=NAME --input=FILE|DIR --output=FILE|DIR
         [--kernel=FILE] [--sf=1] [--weights=PATH] [--x8]
+        [--tile=N] [--tile-overlap=M] [--max-memory=GiB] [--overwrite]
 
 A folder input restores every image in it into the output folder (``<name>.png``); an image
 that cannot be read is reported and skipped, the others are still written, and the exit code
 is 1. Gray models restore each channel of an RGB image; RGB models take gray images as three
 equal channels and write gray. Non-blind deblurring needs --kernel (.npy or an image,
 normalised to sum 1).
+
+Large images are restored in overlapping tiles of one shape (docs/restore.md): without --tile
+the whole image when its estimated peak memory fits --max-memory, else the largest tile that
+does; --tile=0 forces the whole image. Existing output files are kept unless --overwrite;
+every output is checked before the network is loaded.
 """
 
 from __future__ import annotations
@@ -15,12 +21,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from converse_jax import evaluation as E
 from converse_jax.imageio import ImageError, list_images, read_image, read_kernel, write_image
-from experiments._cli import one_line, run_main
+from converse_jax.tiling import is_out_of_memory
+from experiments._cli import Progress, add_tile_flags, check_output_dir, check_output_file, one_line, oom_hint, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sf", type=int, default=1, help="scale factor of non-blind models (default 1)")
     p.add_argument("--weights", help="checkpoint (.pth, .safetensors or converted); default: released")
     p.add_argument("--x8", action="store_true", help="8-fold flip/rotate self-ensemble")
+    add_tile_flags(p)
+    p.add_argument("--no-progress", action="store_true", help="print only one line per image")
     return p
 
 
@@ -64,33 +74,78 @@ def plan(inp: Path, out: Path, out_is_dir: bool = False) -> list[tuple[Path, Pat
     return [(inp, target)]
 
 
+def _prepare_outputs(args: argparse.Namespace) -> list[tuple[Path, Path]]:
+    """The (input, output) pairs, every output checked (and its folder made) before any compute."""
+    out_is_dir = args.output.endswith(("/", os.sep))
+    inp = Path(args.input).expanduser()
+    pairs = plan(inp, Path(args.output).expanduser(), out_is_dir)
+    out_dir = pairs[0][1].parent
+    if not out_dir.exists():
+        if inp.is_dir() or out_is_dir:
+            check_output_dir(out_dir, "--output")
+            out_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            raise ValueError(f"--output folder {out_dir} does not exist; create it first")
+    existing = [dst for _, dst in pairs if dst.exists()]
+    if existing and not args.overwrite:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise ValueError(f"--output {existing[0]}{more} already exist(s); pass --overwrite to replace, "
+                         "or choose another --output")
+    for _, dst in pairs[:1]:
+        check_output_file(dst, "--output", overwrite=True)
+    return pairs
+
+
+def _restore_one(args: argparse.Namespace, ctx: dict, src: Path, dst: Path, index: str) -> None:
+    """Read, restore (whole or tiled) and write one image, reporting its tiles."""
+    img = read_image(src)
+    h, w = img.shape[:2]
+    tile = args.tile
+    if tile is None:
+        if ctx.get("mem") is None:
+            print(f"estimating the memory {args.model} needs (XLA's analysis of two small compilations); "
+                  "--tile=N skips this", file=sys.stderr, flush=True)
+            ctx["mem"] = E.memory_model(ctx["model"], ctx["spec"], args.sf)
+        tile = E.auto_tile(ctx["mem"], ctx["spec"], h, w, ctx["budget"], args.sf)
+    how = "whole image" if tile == 0 or tile >= max(h, w) else f"tiles of {tile} px, overlap {args.tile_overlap}"
+    print(f"{index} {src} ({w}x{h}): {how}", flush=True)
+    progress = Progress(f"{src.name}", enabled=not args.no_progress)
+    restorer = E.make_restorer(ctx["model"], ctx["spec"], tile, args.tile_overlap, blend=args.tile_blend,
+                                on_tile=progress)
+    t0 = time.monotonic()
+    try:
+        out = E.restore_array(restorer, ctx["spec"], img, kernel=ctx["kernel"], sf=args.sf, x8=args.x8)
+    except Exception as exc:  # noqa: BLE001 - out-of-memory is any of several XLA error types
+        if is_out_of_memory(exc):
+            raise MemoryError(oom_hint(tile, h, w)) from None
+        raise
+    finally:
+        progress.close()
+    write_image(dst, out)
+    print(f"{index} {src} -> {dst} ({time.monotonic() - t0:.1f} s)", flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     spec = E.get_model_spec(args.model)
     E.check_restore_options(spec, args.kernel is not None, args.sf)  # before anything slow
     kernel = read_kernel(args.kernel) if args.kernel is not None else None
-    out_is_dir = args.output.endswith(("/", os.sep))
-    pairs = plan(Path(args.input).expanduser(), Path(args.output).expanduser(), out_is_dir)
-    out_dir = pairs[0][1].parent
-    if not out_dir.exists():
-        if Path(args.input).is_dir() or out_is_dir:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        else:
-            raise ValueError(f"--output folder {out_dir} does not exist; create it first")
+    if args.tile is not None and args.tile < 0:
+        raise ValueError(f"--tile must be >= 0 (0: the whole image), got {args.tile}")
+    budget = E.memory_budget(args.max_memory)
+    pairs = _prepare_outputs(args)
     model, spec = E.load_model(args.model, args.weights)
-    restorer = E.Restorer(model, spec.task)
+    E.check_kernel_size(model, kernel)  # once, before the folder
+    ctx = {"model": model, "spec": spec, "kernel": kernel, "budget": budget, "mem": None}
     failed = 0
-    for src, dst in pairs:
+    for n, (src, dst) in enumerate(pairs, 1):
         try:
-            img = read_image(src)
-            out = E.restore_array(restorer, spec, img, kernel=kernel, sf=args.sf, x8=args.x8)
-            write_image(dst, out)
-            print(f"{src} -> {dst}")
+            _restore_one(args, ctx, src, dst, f"[{n}/{len(pairs)}]")
         except ImageError as exc:
             failed += 1
             print(f"error: {exc}", file=sys.stderr)
         except (ValueError, OSError, RuntimeError, MemoryError) as exc:
             failed += 1
-            print(f"error: {src}: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
+            print(f"error: {src}: {one_line(exc)}", file=sys.stderr)
     if failed:
         print(f"{failed} of {len(pairs)} image(s) failed; the others were written", file=sys.stderr)
         return 1

@@ -428,6 +428,57 @@ def test_restore_cli_folder_with_unreadable_image(tmp_path, capsys):
     restored = read_image(out / "a.png")
     assert restored.shape == gt.shape
     assert not (out / "b.png").exists()
+    # a second run keeps a.png unless --overwrite
+    assert _cli("restore", "--model=dncnn", f"--input={src}", f"--output={out}") == 2
+    assert "--overwrite" in _one_error_line(capsys)
+    assert _cli("restore", "--model=dncnn", f"--input={src}", f"--output={out}", "--overwrite", "--tile=16",
+                "--tile-overlap=4") == 1
+    err = capsys.readouterr().err
+    assert "b.png" in err and "Traceback" not in err
+    np.testing.assert_array_equal(read_image(out / "a.png").shape, gt.shape)
+
+
+def test_outputs_are_checked_before_any_compute(tmp_path, capsys, monkeypatch):
+    names = _registry_or_skip()
+    dn = "dncnn" if "dncnn" in names else names[0]
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the outputs were checked")
+
+    monkeypatch.setattr(E, "load_model", no_loading)
+    img = tmp_path / "in.png"
+    write_image(img, np.zeros((16, 16, 1), np.uint8))
+    done = tmp_path / "done.png"
+    done.write_bytes(b"keep me")
+    assert _cli("restore", f"--model={dn}", f"--input={img}", f"--output={done}") == 2
+    assert "already exist" in _one_error_line(capsys) and done.read_bytes() == b"keep me"
+    assert _cli("restore", f"--model={dn}", f"--input={img}", f"--output={tmp_path / 'no' / 'o.png'}") == 2
+    assert "does not exist" in _one_error_line(capsys)
+    if Path("/proc/self").is_dir():  # a folder nobody can create files in, even root
+        assert _cli("restore", f"--model={dn}", f"--input={img}", "--output=/proc/o.png") == 2
+        assert "cannot write" in _one_error_line(capsys)
+    assert _cli("restore", f"--model={dn}", f"--input={img}", f"--output={tmp_path / 'o.png'}", "--tile=-1") == 2
+    assert "--tile" in _one_error_line(capsys)
+    data = tmp_path / "data"
+    data.mkdir()
+    write_image(data / "a.png", np.zeros((16, 16, 1), np.uint8))
+    report = tmp_path / "r.json"
+    report.write_text("{}")
+    assert _cli("evaluate", f"--model={dn}", f"--data-dir={data}", f"--json={report}") == 2
+    assert "--overwrite" in _one_error_line(capsys) and report.read_text() == "{}"
+    assert _cli("evaluate", f"--model={dn}", f"--data-dir={data}", f"--json={tmp_path / 'x' / 'r.json'}") == 2
+    assert "does not exist" in _one_error_line(capsys)
+    assert _cli("evaluate", f"--model={dn}", f"--data-dir={data}", f"--save-images={img}") == 2
+    assert "is a file" in _one_error_line(capsys)
+
+
+def test_evaluate_with_tiles_matches_whole_for_a_pointwise_network():
+    images = [("a.png", np.random.default_rng(5).integers(0, 256, (50, 70, 1), np.uint8))]
+    spec = _spec(DENOISE, 1, DENOISE_PROTOCOL)
+    model = Gain(1.0)
+    whole = E.evaluate(model, spec, images, progress=False)
+    tiled = E.evaluate(model, spec, images, progress=False, restorer=E.make_restorer(model, spec, 32, 8))
+    assert tiled.runs[0].per_image[0].psnr == pytest.approx(whole.runs[0].per_image[0].psnr, abs=1e-6)
 
 
 def test_evaluate_cli_end_to_end_on_a_crop(tmp_path):
@@ -441,9 +492,10 @@ def test_evaluate_cli_end_to_end_on_a_crop(tmp_path):
          "--dataset=set12", f"--json={tmp_path / 'r.json'}", f"--save-images={tmp_path / 'img'}", "--no-progress"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "crop.png" in proc.stdout and "paper" in proc.stdout
+    assert "crop.png" in proc.stdout and "dncnn on data" in proc.stdout
+    assert "whole" in proc.stderr  # the paper's protocol: whole images, and it says so
     result = json.loads((tmp_path / "r.json").read_text())
-    assert result["model"] == "dncnn" and result["dataset"] == "set12"
+    assert result["model"] == "dncnn" and result["dataset"] == "data"  # labelled with the folder, not --dataset
     (entry,) = result["per_image"]
     restored = read_image(tmp_path / "img" / "crop.png", color="gray")
     assert entry["psnr"] == pytest.approx(M.psnr(restored, gt), abs=1e-9)
@@ -465,3 +517,31 @@ def test_restorer_reads_current_weights():
     np.testing.assert_allclose(r(x), x)
     model.gain[...] = jnp.asarray(2.0, jnp.float32)
     np.testing.assert_allclose(r(x), 2 * x)
+
+
+def test_evaluate_progress_in_a_pipe_is_plain_lines(capsys):
+    images = [(f"{i}.png", np.full((16, 16, 1), 100 + i, np.uint8)) for i in range(2)]
+    E.evaluate(Gain(1.0), _spec(DENOISE, 1, DENOISE_PROTOCOL), images, progress=True)
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" PSNR")[0] for line in err] == ["standin set12: 1/2 0.png", "standin set12: 2/2 1.png"]
+    assert "\r" not in "".join(err)
+
+
+def test_out_of_memory_is_one_line_naming_a_tile(tmp_path, capsys, monkeypatch):
+    _registry_or_skip()
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("INTERNAL: Error dispatching computation: Out of memory allocating 5425792516 bytes")
+
+    monkeypatch.setattr(E, "load_model", lambda name, weights=None: (Gain(1.0), E.get_model_spec(name)))
+    monkeypatch.setattr(E, "restore_array", oom)
+    monkeypatch.setattr(E, "evaluate", oom)
+    img = tmp_path / "big.png"
+    write_image(img, np.zeros((300, 200, 1), np.uint8))
+    assert _cli("restore", "--model=dncnn", f"--input={img}", f"--output={tmp_path / 'o.png'}", "--tile=0") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: ") and "big.png" in err[0] and "--tile=128" in err[0]
+    assert "Traceback" not in "".join(err)
+    assert _cli("evaluate", "--model=dncnn", f"--data-dir={tmp_path}") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: out of memory") and "--tile=128" in err[-1] and "Traceback" not in "".join(err)

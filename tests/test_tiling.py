@@ -1,0 +1,210 @@
+"""Tiled restoration (converse_jax.tiling): tile placement, blending, one compilation, memory estimate."""
+
+import io
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from converse_jax import degradations as D
+from converse_jax import evaluation as E
+from converse_jax import metrics as M
+from converse_jax import tiling as T
+from converse_jax.tasks import DEBLUR_NONBLIND, DENOISE, SR
+from experiments._cli import Progress, oom_hint
+
+TRACES = {"n": 0}
+
+
+class Gain(nnx.Module):
+    """Pointwise: tiles cannot differ from the whole image. Counts its traces (compilations)."""
+
+    def __init__(self):
+        self.gain = nnx.Param(jnp.asarray(0.5, jnp.float32))
+
+    def __call__(self, x):
+        TRACES["n"] += 1
+        return x * self.gain[...]
+
+
+class Upsample4(nnx.Module):
+    """x4 nearest-neighbour upsampling: a pointwise stand-in for x4 SR."""
+
+    def __init__(self):
+        self.gain = nnx.Param(jnp.ones((), jnp.float32))
+
+    def __call__(self, x):
+        return jnp.repeat(jnp.repeat(x, 4, axis=1), 4, axis=2) * self.gain[...]
+
+
+class KernelGain(nnx.Module):
+    """Non-blind stand-in: scales by the kernel's centre tap and upsamples by ``sf``."""
+
+    blur_kernel_size = 3
+
+    def __init__(self):
+        self.gain = nnx.Param(jnp.ones((), jnp.float32))
+
+    def __call__(self, x, kernel, sf=1):
+        y = x * kernel[:, 1, 1][:, None, None, None] * self.gain[...]
+        return jnp.repeat(jnp.repeat(y, sf, axis=1), sf, axis=2)
+
+
+@pytest.mark.parametrize("length,tile,overlap", [(100, 32, 8), (64, 64, 8), (40, 64, 8), (97, 33, 16), (33, 32, 0)])
+def test_tiles_cover_the_image_with_one_shape_and_never_pad(length, tile, overlap):
+    starts = T.tile_starts(length, tile, overlap)
+    size = min(tile, length)
+    covered = np.zeros(length, bool)
+    for s in starts:
+        assert 0 <= s and s + size <= length  # inside: the last tile is shifted inward, not padded
+        covered[s:s + size] = True
+    assert covered.all()
+    assert starts[-1] + size == length
+    assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:], strict=False))  # at least the overlap
+
+
+@pytest.mark.parametrize("blend", T.BLENDS)
+@pytest.mark.parametrize("scale", [1, 4])
+def test_blend_weights_sum_to_one_everywhere(blend, scale):
+    starts = T.tile_starts(90, 32, 10)
+    w = T.blend_weights(starts, 32, 90, 10, scale, blend)
+    total = np.zeros(90 * scale)
+    for i, s in enumerate(starts):
+        total[s * scale:(s + 32) * scale] += w[i]
+    np.testing.assert_allclose(total, 1.0, atol=1e-6)
+    if blend == "crop":
+        assert set(np.unique(w)) <= {0.0, 1.0}
+    else:
+        assert w[1, 0] < 0.1 and w[1, 16 * scale] == pytest.approx(1.0, abs=1e-6)  # edges low, centre 1
+
+
+def test_bad_tile_settings_are_refused():
+    with pytest.raises(ValueError, match="--tile must be 0"):
+        T.plan_tiles(100, 100, 8, 0)
+    with pytest.raises(ValueError, match="--tile-overlap"):
+        T.plan_tiles(100, 100, 32, 16)
+    with pytest.raises(ValueError, match="blend"):
+        T.blend_weights([0], 32, 32, 0, 1, "feather")
+
+
+@pytest.mark.parametrize("blend", T.BLENDS)
+def test_tiled_equals_whole_for_a_pointwise_network_and_compiles_once(blend):
+    model = Gain()
+    restorer = T.TiledRestorer(model, DENOISE, tile=32, overlap=8, batch=3, blend=blend)
+    rng = np.random.default_rng(0)
+    TRACES["n"] = 0
+    for shape in [(70, 45, 1), (33, 90, 1), (100, 100, 1)]:  # three sizes, one tile shape
+        x = rng.random(shape, dtype=np.float32)
+        np.testing.assert_allclose(restorer(x), x * 0.5, rtol=1e-6, atol=1e-7)
+    assert TRACES["n"] == 1
+
+
+def test_tiled_sr_maps_tiles_to_four_times_larger_outputs():
+    x = np.random.default_rng(1).random((37, 50, 3), dtype=np.float32)
+    out = T.TiledRestorer(Upsample4(), SR, scale=4, tile=16, overlap=4)(x)
+    np.testing.assert_allclose(out, np.repeat(np.repeat(x, 4, 0), 4, 1), atol=1e-6)
+
+
+def test_tiled_non_blind_gets_kernel_and_sf_and_x8_works():
+    x = np.random.default_rng(2).random((40, 29, 3), dtype=np.float32)
+    kernel = np.zeros((3, 3), np.float32)
+    kernel[1, 1] = 0.25
+    kernel[0, 2] = 0.75  # asymmetric: x8 must rotate the kernel with the tiles
+    r = T.TiledRestorer(KernelGain(), DEBLUR_NONBLIND, tile=16, overlap=4, batch=2)
+    expected = np.repeat(np.repeat(x * 0.25, 2, 0), 2, 1)
+    np.testing.assert_allclose(r(x, kernel, sf=2), expected, atol=1e-6)
+    np.testing.assert_allclose(r(x, kernel, sf=2, x8=True), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="needs a blur kernel"):
+        r(x)
+
+
+def test_progress_is_reported_per_batch():
+    calls = []
+    T.TiledRestorer(Gain(), DENOISE, tile=16, overlap=4, batch=2, on_tile=lambda d, n: calls.append((d, n)))(
+        np.zeros((40, 40, 1), np.float32))
+    assert calls[-1] == (9, 9) and [d for d, _ in calls] == [2, 4, 6, 8, 9]
+
+
+def test_choose_tile_whole_when_it_fits_else_largest_fitting():
+    est = lambda t: 800.0 * 600 if t == 0 else float(t * t)  # noqa: E731
+    assert T.choose_tile(est, 800, 600, budget=800 * 600) == 0
+    assert T.choose_tile(est, 800, 600, budget=300 * 300) == 256
+    assert T.choose_tile(est, 800, 600, budget=1) == 32
+
+
+def test_memory_model_from_compiled_analysis_grows_with_pixels():
+    model = Gain()
+    small = T.compiled_bytes(model, DENOISE, (1, 64, 64, 1))
+    big = T.compiled_bytes(model, DENOISE, (1, 128, 128, 1))
+    assert big > small > 0
+    mem = T.fit_memory_model(model, DENOISE, 1)
+    assert mem.per_pixel > 0
+    assert mem.peak_bytes(1000, 1000, 1, 1, tile=0) > mem.peak_bytes(1000, 1000, 1, 1, tile=128)
+    spec = type("S", (), {"scale": 1, "in_channels": 1})
+    whole = mem.peak_bytes(1000, 1000, 1, 1)
+    assert E.auto_tile(mem, spec, 1000, 1000, budget=whole * 1.01) == 0
+    assert E.auto_tile(mem, spec, 1000, 1000, budget=whole * 0.5) > 0
+
+
+def test_out_of_memory_is_recognised_and_answered_with_a_tile():
+    exc = RuntimeError("INTERNAL: Error dispatching computation: Out of memory allocating 5425792516 bytes")
+    assert T.is_out_of_memory(exc) and not T.is_out_of_memory(ValueError("bad shape"))
+    assert "--tile=512" in oom_hint(0, 1500, 2000)
+    assert "--tile=128" in oom_hint(256, 1500, 2000)
+
+
+def test_progress_in_a_pipe_is_plain_lines():
+    stream = io.StringIO()
+    p = Progress("photo.png", stream=stream, every_s=0.0)
+    for d in range(1, 4):
+        p(d, 3)
+    p.close()
+    lines = stream.getvalue().splitlines()
+    assert lines == ["photo.png: tile 1/3", "photo.png: tile 2/3", "photo.png: tile 3/3"]
+
+
+def test_wrong_kernel_size_is_refused():
+    E.check_kernel_size(KernelGain(), np.ones((3, 3)))
+    with pytest.raises(ValueError, match="5x5.*3x3"):
+        E.check_kernel_size(KernelGain(), np.ones((5, 5)))
+
+
+@pytest.mark.slow
+def test_real_network_tiles_agree_with_the_whole_image():
+    model, spec = E.load_model("dncnn")
+    hr = (np.random.default_rng(3).random((96, 80, 1)) * 255).astype(np.uint8)
+    hr = np.clip(D.blur(hr, np.full((5, 5), 1 / 25.0)), 0, 255).astype(np.uint8)
+    _, lq = spec.task.protocol_pair(hr, spec.protocol)
+    whole = E.make_restorer(model, spec, 0)(lq)
+    tiled = E.make_restorer(model, spec, 64, 16)(lq)
+    assert tiled.shape == whole.shape
+    assert M.psnr(D.to_uint8(tiled), D.to_uint8(whole)) > 40.0
+
+
+def test_batches_are_sharded_over_several_devices(tmp_path):
+    """Two forced host devices: the batch rounds up to a multiple of 2 and the result is unchanged."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import numpy as np, jax, jax.numpy as jnp\n"
+        "from flax import nnx\n"
+        "from converse_jax.tiling import TiledRestorer\n"
+        "from converse_jax.tasks import DENOISE\n"
+        "class G(nnx.Module):\n"
+        "    def __init__(self): self.g = nnx.Param(jnp.asarray(0.5))\n"
+        "    def __call__(self, x): return x * self.g[...]\n"
+        "r = TiledRestorer(G(), DENOISE, tile=16, overlap=4, batch=3)\n"
+        "x = np.random.default_rng(0).random((40, 50, 1), dtype=np.float32)\n"
+        "assert len(jax.local_devices()) == 2 and r.batch == 4, (jax.local_devices(), r.batch)\n"
+        "assert np.abs(r(x) - x * 0.5).max() < 1e-6\n"
+        "print('ok')\n")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
