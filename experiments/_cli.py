@@ -127,9 +127,16 @@ class Progress:
             self._bar = None
 
 
+def _in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (ipykernel merely imported, e.g. by a notebook runner, is not)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
 def _interactive(stream: Any) -> bool:
     """A terminal, or a notebook (ipykernel's stream is no tty but shows tqdm's widget)."""
-    if "ipykernel" in sys.modules:
+    if _in_notebook():
         return True
     isatty = getattr(stream, "isatty", None)
     return bool(isatty and isatty())
