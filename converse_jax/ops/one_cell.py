@@ -65,38 +65,32 @@ def solve_one_cell(y: Array, kernel: Array, lam: Array, scale: int, *, channels_
     # A leading batch axis of size 1 where kernel and lam are shared by the batch.
     coef = coef if coef.ndim == 6 else coef[None]  # (B, C, 2, 2, s, s)
     wsum = wsum if wsum.ndim == 4 else wsum[None]  # (B, C, 2, 2)
-    # Per shift j = (jh, jw): a per-channel weight for A·x0 and per-phase weights for the solution,
-    # shaped to broadcast against the planes (B, C, H, W) / (B, H, W, C) and the output viewed as
-    # (B, C, H, s, W, s) / (B, H, s, W, s, C).
-    if channels_last:
-        ax_h, ax_w = 1, 2
-        coef = jnp.moveaxis(coef, 1, -1)  # (B, 2, 2, s, s, C)
-
-        def tap_sum(jh, jw):
-            return wsum[:, None, None, :, jh, jw]  # (B, 1, 1, C)
-
-        def tap_coef(jh, jw):
-            return coef[:, jh, jw][:, None, :, None, :, :]  # (B, 1, s, 1, s, C)
-
-        def expand(a):
-            return a[:, :, None, :, None, :]
-    else:
-        ax_h, ax_w = 2, 3
-
-        def tap_sum(jh, jw):
-            return wsum[:, :, jh, jw][:, :, None, None]  # (B, C, 1, 1)
-
-        def tap_coef(jh, jw):
-            return coef[:, :, jh, jw][:, :, None, :, None, :]  # (B, C, 1, s, 1, s)
-
-        def expand(a):
-            return a[:, :, :, None, :, None]
-
+    if not channels_last:
+        return _assemble_channels_first(y, wsum, coef, scale)
+    # Channels-last: per shift j = (jh, jw), a per-channel weight for A·x0 and per-phase weights for the
+    # solution, broadcast against the planes (B, H, W, C) and the output viewed as (B, H, s, W, s, C).
+    coef = jnp.moveaxis(coef, 1, -1)  # (B, 2, 2, s, s, C)
     shifts = [(jh, jw) for jh in (0, 1) for jw in (0, 1)]
-    r = y - sum(tap_sum(jh, jw) * jnp.roll(y, (jh, jw), axis=(ax_h, ax_w)) for jh, jw in shifts)
-    out = expand(y) + sum(tap_coef(jh, jw) * expand(jnp.roll(r, (-jh, -jw), axis=(ax_h, ax_w)))
-                          for jh, jw in shifts)
-    shape = list(y.shape)
-    shape[ax_h] *= scale
-    shape[ax_w] *= scale
-    return out.reshape(shape)
+    r = y - sum(wsum[:, None, None, :, jh, jw] * jnp.roll(y, (jh, jw), axis=(1, 2)) for jh, jw in shifts)
+    out = y[:, :, None, :, None, :] + sum(
+        coef[:, jh, jw][:, None, :, None, :, :] * jnp.roll(r, (-jh, -jw), axis=(1, 2))[:, :, None, :, None, :]
+        for jh, jw in shifts)
+    b, height, width, c = y.shape
+    return out.reshape(b, height * scale, width * scale, c)
+
+
+def _assemble_channels_first(y: Array, wsum: Array, coef: Array, scale: int) -> Array:
+    """The solution on (B, C, H, W) planes: each of the s×s output phases as its own plane, interleaved by
+    stacking along new minor axes (XLA handles this, and its gradient, better than broadcasting into a
+    (B, C, H, s, W, s) array whose minor axis is s)."""
+    shifts = [(jh, jw) for jh in (0, 1) for jw in (0, 1)]
+    r = y - sum(wsum[:, :, jh, jw, None, None] * jnp.roll(y, (jh, jw), axis=(2, 3)) for jh, jw in shifts)
+    rolled = {j: jnp.roll(r, (-j[0], -j[1]), axis=(2, 3)) for j in shifts}
+    b, c, height, width = y.shape
+    rows = []
+    for qh in range(scale):
+        cols = [y + sum(coef[:, :, jh, jw, qh, qw, None, None] * rolled[(jh, jw)] for jh, jw in shifts)
+                for qw in range(scale)]
+        rows.append(jnp.stack(cols, axis=-1).reshape(b, c, height, width * scale))
+    return jnp.stack(rows, axis=-2).reshape(b, c, height * scale, width * scale)
+
