@@ -26,7 +26,9 @@ Public entry point: :func:`converse2d` (NHWC). The solver itself is written for 
 (:func:`converse_filter`, :func:`filtered_spectrum`) and lifted over channels and batch with
 ``jax.vmap`` in :func:`converse2d_channels_first`, the layout the networks keep inside (the FFTs then
 run over the two minor axes, with no transposes). There the inverse FFT runs once over all planes
-(:func:`irfft2_planes`), which on CPU inverts two real planes per complex FFT.
+(:func:`irfft2_planes`), which on CPU inverts two real planes per complex FFT. Kernels that fit in one
+scale cell (kh, kw <= s > 1) skip all of this: :mod:`converse_jax.ops.one_cell` solves them exactly with
+a few spatial passes, in either layout, so the channels-last entry transposes nothing on that path.
 """
 
 from __future__ import annotations
