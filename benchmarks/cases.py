@@ -23,6 +23,10 @@ OP_CASES_FULL = [
      "padding": 2, "padding_mode": "replicate", "eps": 1e-3},
     {"name": "dncnn-train", "B": 8, "C": 128, "H": 64, "W": 64, "k": 7, "scale": 1,
      "padding": 6, "padding_mode": "circular", "eps": 1e-5},
+    {"name": "dncnn-128", "B": 1, "C": 128, "H": 128, "W": 128, "k": 7, "scale": 1,
+     "padding": 6, "padding_mode": "circular", "eps": 1e-5},
+    {"name": "srresnet-up64", "B": 1, "C": 64, "H": 64, "W": 64, "k": 2, "scale": 2,
+     "padding": 2, "padding_mode": "replicate", "eps": 1e-3},
 ]
 OP_CASES_QUICK = [
     {"name": "dncnn-256", "B": 1, "C": 8, "H": 24, "W": 24, "k": 7, "scale": 1,

@@ -200,3 +200,40 @@ def test_paired_inverse_fft_equals_irfft2(x64, planes, h, w):
     np.testing.assert_allclose(grad_ours, grad_ref, atol=1e-12)
     _, tangent = jax.jvp(lambda a: irfft2_planes(a, (h, w)), (z,), (z * 0.5,))
     np.testing.assert_allclose(tangent, 0.5 * x, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_one_cell_solver_equals_the_fft_solver(x64, scale, per_sample):
+    """kh, kw <= s: the FFT-free solver (both layouts) equals the spectral closed form, every kernel size."""
+    from converse_jax.ops import converse_filter, filtered_spectrum, irfft2_planes
+    from converse_jax.ops.one_cell import solve_one_cell
+
+    rng = np.random.default_rng(scale)
+    b, c, h, w = 2, 2, 5, 7
+    x = jnp.asarray(rng.standard_normal((b, c, h, w)))
+    for kh in range(1, scale + 1):
+        for kw in range(1, scale + 1):
+            kernel = jnp.asarray(rng.standard_normal((b, c, kh, kw) if per_sample else (c, kh, kw)))
+            lam = jnp.asarray(rng.random((b, c) if per_sample else (c,)) + 1e-3)
+            ks = kernel if per_sample else jnp.broadcast_to(kernel, (b, c, kh, kw))
+            ls = lam if per_sample else jnp.broadcast_to(lam, (b, c))
+            ref = jnp.stack([jnp.stack([
+                irfft2_planes(filtered_spectrum(x[i, j], converse_filter(ks[i, j], ls[i, j], (h * scale, w * scale),
+                                                                          scale), scale), (h * scale, w * scale))
+                for j in range(c)]) for i in range(b)])
+            first = solve_one_cell(x, kernel, lam, scale, channels_last=False)
+            last = solve_one_cell(jnp.moveaxis(x, 1, -1), kernel, lam, scale, channels_last=True)
+            np.testing.assert_allclose(first, ref, atol=1e-12, err_msg=f"k {kh}x{kw}")
+            np.testing.assert_allclose(jnp.moveaxis(last, -1, 1), ref, atol=1e-12, err_msg=f"k {kh}x{kw}")
+
+
+def test_one_cell_solver_is_chosen_and_uses_no_fft():
+    x = jnp.ones((1, 6, 6, 3), jnp.float32)
+    jaxpr = str(jax.make_jaxpr(lambda a: converse2d(a, jnp.ones((2, 2, 3)) / 4, 1e-2, scale=2, padding=1,
+                                                    padding_mode="replicate"))(x))
+    assert "fft" not in jaxpr
+    # Only the small kernel-sized weights are transposed, never the (1, 8, 8, 3) planes.
+    transposed = [line.split("=")[0] for line in jaxpr.splitlines() if "transpose[" in line]
+    assert all("8," not in t and ",8" not in t for t in transposed), transposed
+    assert "fft" in str(jax.make_jaxpr(lambda a: converse2d(a, jnp.ones((3, 3, 3)) / 9, 1e-2, scale=2))(x))

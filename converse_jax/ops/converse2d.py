@@ -26,7 +26,9 @@ Public entry point: :func:`converse2d` (NHWC). The solver itself is written for 
 (:func:`converse_filter`, :func:`filtered_spectrum`) and lifted over channels and batch with
 ``jax.vmap`` in :func:`converse2d_channels_first`, the layout the networks keep inside (the FFTs then
 run over the two minor axes, with no transposes). There the inverse FFT runs once over all planes
-(:func:`irfft2_planes`), which on CPU inverts two real planes per complex FFT.
+(:func:`irfft2_planes`), which on CPU inverts two real planes per complex FFT. Kernels that fit in one
+scale cell (kh, kw <= s > 1) skip all of this: :mod:`converse_jax.ops.one_cell` solves them exactly with
+a few spatial passes, in either layout, so the channels-last entry transposes nothing on that path.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from converse_jax.ops.one_cell import fits_one_cell, solve_one_cell
 
 # The four padding modes (PyTorch's names) and the ``jnp.pad`` mode of each: the one table of the
 # project (the convolution layers of converse_jax.nn pad with it too).
@@ -339,56 +343,54 @@ def pad_index(n: int, pad: int, mode: str) -> np.ndarray:
     raise ValueError(f"pad_index: no index form for padding mode {mode!r}")
 
 
-def _pad_reference(x: Array, pad: int, mode: str) -> Array:
-    widths = ((0, 0),) * (x.ndim - 2) + ((pad, pad), (pad, pad))
+def _pad_reference(x: Array, pad: int, mode: str, channels_last: bool = False) -> Array:
+    widths = [(0, 0)] * x.ndim
+    axes = (1, 2) if channels_last else (x.ndim - 2, x.ndim - 1)
+    for a in axes:
+        widths[a] = (pad, pad)
     return jnp.pad(x, widths, mode=JNP_PAD_MODES[mode])
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _pad_gather(x: Array, pad: int, mode: str) -> Array:
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _pad_gather(x: Array, pad: int, mode: str, channels_last: bool = False) -> Array:
     # One gather with static indices: XLA fuses it with the producer of ``x``, where jnp.pad's
     # circular mode is a concatenation that costs an extra pass over the tensor.
+    if channels_last:
+        ih = pad_index(x.shape[1], pad, mode)
+        iw = pad_index(x.shape[2], pad, mode)
+        return x[:, ih[:, None], iw[None, :], :]
     ih = pad_index(x.shape[-2], pad, mode)
     iw = pad_index(x.shape[-1], pad, mode)
     return x[..., ih[:, None], iw[None, :]]
 
 
-def _pad_gather_fwd(x: Array, pad: int, mode: str) -> tuple[Array, None]:
-    return _pad_gather(x, pad, mode), None
+def _pad_gather_fwd(x: Array, pad: int, mode: str, channels_last: bool) -> tuple[Array, tuple[int, ...]]:
+    return _pad_gather(x, pad, mode, channels_last), x.shape
 
 
-def _pad_gather_bwd(pad: int, mode: str, _: None, g: Array) -> tuple[Array]:
+def _pad_gather_bwd(pad: int, mode: str, channels_last: bool, shape: tuple[int, ...], g: Array) -> tuple[Array]:
     # The gather's own transpose is a scatter-add, slow on XLA's CPU backend; jnp.pad's is slices and adds.
-    shape = g.shape[:-2] + (g.shape[-2] - 2 * pad, g.shape[-1] - 2 * pad)
-    _, vjp = jax.vjp(lambda a: _pad_reference(a, pad, mode), jnp.zeros(shape, g.dtype))
+    _, vjp = jax.vjp(lambda a: _pad_reference(a, pad, mode, channels_last), jnp.zeros(shape, g.dtype))
     return vjp(g)
 
 
 _pad_gather.defvjp(_pad_gather_fwd, _pad_gather_bwd)
 
 
-def pad_planes(x: Array, padding: int, padding_mode: str) -> Array:
-    """Pad the last two axes of ``x`` by ``padding`` on each side (``PADDING_MODES``)."""
+def pad_planes(x: Array, padding: int, padding_mode: str, *, channels_last: bool = False) -> Array:
+    """Pad the spatial axes of ``x`` by ``padding`` on each side (``PADDING_MODES``): the last two axes,
+    or axes 1 and 2 of a (B, H, W, C) array when ``channels_last``."""
     if padding == 0:
         return x
     if padding_mode == "constant":
-        return _pad_reference(x, padding, padding_mode)
-    return _pad_gather(x, padding, padding_mode)
+        return _pad_reference(x, padding, padding_mode, channels_last)
+    return _pad_gather(x, padding, padding_mode, channels_last)
 
 
-def converse2d_channels_first(x: Any, kernel: Any, lam: Any, *, scale: int = 1, padding: int = 0,
-                              padding_mode: str = "circular") -> Array:
-    """:func:`converse2d` on channels-first planes, the layout the networks use internally.
-
-    ``x`` (B, C, H, W); ``kernel`` (C, kh, kw) or (B, C, kh, kw); ``lam`` a scalar, (C,) or (B, C).
-    Returns (B, C, H·s, W·s). The FFTs run over the two minor axes, so no transposes are needed; the
-    public, channels-last entry point is :func:`converse2d`.
-    """
+def _coerce(x: Any, kernel: Any, lam: Any) -> tuple[Array, Array, Array]:
     x = jnp.asarray(x)
     kernel = jnp.asarray(kernel)
     lam = jnp.asarray(lam)
-    if x.ndim != 4:
-        raise ValueError(f"x must be a 4-D array (B, C, H, W) in channels-first layout, got shape {x.shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x must be a real floating array, got dtype {x.dtype}; "
                          "convert it, e.g. x.astype(jnp.float32)")
@@ -396,22 +398,48 @@ def converse2d_channels_first(x: Any, kernel: Any, lam: Any, *, scale: int = 1, 
         raise ValueError(f"kernel must be a real floating array, got dtype {kernel.dtype}")
     if not jnp.issubdtype(lam.dtype, jnp.floating):
         lam = lam.astype(x.dtype)
-    batch, channels, height, width = x.shape
+    return x, kernel, lam
+
+
+def _solve(x: Array, kernel: Array, lam: Array, scale: Any, padding: Any, padding_mode: str,
+           channels_last: bool) -> Array:
+    """Validate, pad, solve and crop. ``x`` (B, C, H, W), or (B, H, W, C) when ``channels_last``;
+    ``kernel`` channels-first, (C, kh, kw) or (B, C, kh, kw). Kernels within one scale cell take the
+    FFT-free solver in either layout; the FFT solver works on channels-first planes, so a
+    channels-last ``x`` is transposed around it."""
+    if channels_last:
+        batch, height, width, channels = x.shape
+    else:
+        batch, channels, height, width = x.shape
     scale = _check_scale(scale)
     padding = _check_padding(padding, padding_mode, height, width)
     per_sample = _check_kernel(kernel, batch, channels)
     lam, per_sample_lam = _check_lam(lam, batch, channels)
     dtype = jnp.result_type(x.dtype, kernel.dtype, lam.dtype)
     x, kernel, lam = x.astype(dtype), kernel.astype(dtype), lam.astype(dtype)
-
-    x = pad_planes(x, padding, padding_mode)
-    hp, wp = x.shape[-2], x.shape[-1]
-    out_shape = (hp * scale, wp * scale)
+    out_shape = ((height + 2 * padding) * scale, (width + 2 * padding) * scale)
     kh, kw = kernel.shape[-2], kernel.shape[-1]
     if kh > out_shape[0] or kw > out_shape[1]:
         raise ValueError(f"kernel of size {kh}x{kw} is larger than the (padded) output plane {out_shape[0]}x"
                          f"{out_shape[1]}; use a larger input or padding, or a smaller kernel")
+    one_cell = fits_one_cell(kh, kw, scale)
+    if channels_last and not one_cell:
+        x = jnp.moveaxis(x, -1, 1)
+    x = pad_planes(x, padding, padding_mode, channels_last=channels_last and one_cell)
+    if one_cell:
+        out = solve_one_cell(x, kernel, lam, scale, channels_last=channels_last)
+    else:
+        out = _solve_fft(x, kernel, lam, scale, out_shape, per_sample, per_sample_lam)
+    c = padding * scale
+    if channels_last and one_cell:
+        return out[:, c:out.shape[1] - c, c:out.shape[2] - c, :] if c else out
+    out = out[..., c:out.shape[-2] - c, c:out.shape[-1] - c] if c else out
+    return jnp.moveaxis(out, 1, -1) if channels_last else out
 
+
+def _solve_fft(x: Array, kernel: Array, lam: Array, scale: int, out_shape: tuple[int, int], per_sample: bool,
+               per_sample_lam: bool) -> Array:
+    """The FFT solver on padded channels-first planes: (B, C, H, W) -> (B, C, H·s, W·s)."""
     # One filter per channel (or per sample and channel), shared across the batch when possible.
     filt = jax.vmap(lambda k, lam_c: converse_filter(k, lam_c, out_shape, scale))  # over channels
     spectrum = jax.vmap(lambda y, gg: filtered_spectrum(y, gg, scale))  # over channels
@@ -421,11 +449,22 @@ def converse2d_channels_first(x: Any, kernel: Any, lam: Any, *, scale: int = 1, 
     else:
         g = filt(kernel, lam)  # (C, Hs, Ws//2+1)
         z = jax.vmap(spectrum, in_axes=(0, None))(x, g)
-    out = irfft2_planes(z, out_shape)  # all planes at once: on CPU, two per complex FFT
-    if padding > 0:
-        c = padding * scale
-        out = out[..., c:out.shape[-2] - c, c:out.shape[-1] - c]
-    return out
+    return irfft2_planes(z, out_shape)  # all planes at once: on CPU, two per complex FFT
+
+
+def converse2d_channels_first(x: Any, kernel: Any, lam: Any, *, scale: int = 1, padding: int = 0,
+                              padding_mode: str = "circular") -> Array:
+    """:func:`converse2d` on channels-first planes, the layout the networks use internally.
+
+    ``x`` (B, C, H, W); ``kernel`` (C, kh, kw) or (B, C, kh, kw); ``lam`` a scalar, (C,) or (B, C).
+    Returns (B, C, H·s, W·s). The FFTs run over the two minor axes, so no transposes are needed; the
+    public, channels-last entry point is :func:`converse2d`. Kernels that fit in one scale cell
+    (kh, kw <= s) are solved exactly without FFTs (:mod:`converse_jax.ops.one_cell`).
+    """
+    x, kernel, lam = _coerce(x, kernel, lam)
+    if x.ndim != 4:
+        raise ValueError(f"x must be a 4-D array (B, C, H, W) in channels-first layout, got shape {x.shape}")
+    return _solve(x, kernel, lam, scale, padding, padding_mode, channels_last=False)
 
 
 def converse2d(x: Any, kernel: Any, lam: Any, *, scale: int = 1, padding: int = 0,
@@ -443,9 +482,9 @@ def converse2d(x: Any, kernel: Any, lam: Any, *, scale: int = 1, padding: int = 
 
     Returns:
       (B, H·s, W·s, C): per channel, the minimiser of ``||y - (x ⊛ k)↓s||² + λ||x - x0||²``.
+      Kernels within one scale cell (kh, kw <= s) are solved without FFTs, in this layout.
     """
-    x = jnp.asarray(x)
-    kernel = jnp.asarray(kernel)
+    x, kernel, lam = _coerce(x, kernel, lam)
     if x.ndim != 4:
         raise ValueError(f"x must be a 4-D array (B, H, W, C) in channels-last layout, got shape {x.shape}")
     channels = x.shape[-1]
@@ -461,6 +500,4 @@ def converse2d(x: Any, kernel: Any, lam: Any, *, scale: int = 1, padding: int = 
         kernel_cf = jnp.moveaxis(kernel, -1, 1)
     else:
         raise ValueError(f"kernel must be (kh, kw, C) or (B, kh, kw, C); got shape {kernel.shape}")
-    out = converse2d_channels_first(jnp.moveaxis(x, -1, 1), kernel_cf, lam, scale=scale, padding=padding,
-                                    padding_mode=padding_mode)
-    return jnp.moveaxis(out, 1, -1)
+    return _solve(x, kernel_cf, lam, scale, padding, padding_mode, channels_last=True)
