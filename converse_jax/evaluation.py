@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from converse_jax import degradations as D
 from converse_jax.assets import asset
+from converse_jax.console import interactive
 from converse_jax.imageio import list_images, read_image, write_image
 from converse_jax.models import get_spec, list_models
 from converse_jax.tasks import DENOISE, Task, jit_forward
@@ -397,7 +398,7 @@ class _ImageProgress:
     def __init__(self, desc: str, total: int, enabled: bool) -> None:
         self.desc, self.total, self.enabled, self.done = desc, total, enabled, 0
         self.bar = None
-        if enabled and _interactive():
+        if enabled and interactive():
             cols = shutil.get_terminal_size((0, 0)).columns
             self.bar = tqdm(total=total, desc=desc, unit="img", leave=False, file=sys.stderr,
                             ncols=None if cols > 0 else 80)
@@ -413,11 +414,6 @@ class _ImageProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _interactive() -> bool:
-    """stderr is a terminal, or this runs in a notebook kernel (tqdm.auto draws a widget there)."""
-    return "ipykernel" in sys.modules or sys.stderr.isatty()
 
 
 def _score_image(restorer: Restorer, task: Task, protocol: Any, name: str, hr: np.ndarray, kid: int | None,

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from converse_jax.console import interactive
+
 
 def one_line(exc: BaseException) -> str:
     """An exception's message folded onto one line (its type's name when it has no message)."""
@@ -105,7 +107,7 @@ class Progress:
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled or total <= 1:
             return
-        if _interactive(self.stream):
+        if interactive(self.stream):
             if self._bar is None:
                 from tqdm.auto import tqdm
 
@@ -125,18 +127,3 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-
-
-def _in_notebook() -> bool:
-    """Whether this process is a Jupyter kernel (ipykernel merely imported, e.g. by a notebook runner, is not)."""
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
-    return type(shell).__name__ == "ZMQInteractiveShell"
-
-
-def _interactive(stream: Any) -> bool:
-    """A terminal, or a notebook (ipykernel's stream is no tty but shows tqdm's widget)."""
-    if _in_notebook():
-        return True
-    isatty = getattr(stream, "isatty", None)
-    return bool(isatty and isatty())

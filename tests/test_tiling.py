@@ -208,3 +208,11 @@ def test_batches_are_sharded_over_several_devices(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_an_imported_ipykernel_is_not_a_notebook():
+    """A process that merely imported ipykernel (a notebook runner, a pytest worker) still prints plain lines."""
+    pytest.importorskip("ipykernel")
+    from converse_jax.console import in_notebook, interactive
+
+    assert not in_notebook() and not interactive(io.StringIO())
