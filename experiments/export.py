@@ -104,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"exporting {args.model} as {args.format} for {args.height}x{args.width} ...", file=sys.stderr, flush=True)
     if args.format == "stablehlo":
         blob = X.export_stablehlo(model, mspec, spec).serialize()
-        load = "jax.export.deserialize(bytearray(open(PATH, 'rb').read())).call(x[, kernel])"
-        meta = X.describe(mspec, spec, fmt="stablehlo", model=model, weights=weights, arch=arch, extra={"load": load})
+        how = "jax.export.deserialize(bytearray(open(PATH, 'rb').read())).call(x[, kernel])"
+        meta = X.describe(mspec, spec, fmt="stablehlo", model=model, weights=weights, arch=arch, extra={"load": how})
     else:
         from converse_jax.export import onnx_export as O
         blob, extra = O.export_onnx(model, mspec, spec, opset=args.opset)
