@@ -7,7 +7,7 @@
 The artifact computes the network's task forward for NHWC float32 images in [0, 1] of exactly
 H x W pixels (the Converse2D FFT sizes depend on them); non-blind networks (usrnet) take a second
 input, the (B, 7, 7) blur kernels, and export with a fixed --sf. Without --batch the batch is
-symbolic (StableHLO) or a dynamic axis (ONNX). Without --weights: the released weights, or with
+symbolic (StableHLO) or 1 (ONNX, whose batch is fixed). Without --weights: the released weights, or with
 --arch a freshly initialised smaller network (seed --seed). PATH.json describes the artifact
 (shapes, layout, value range, weights' SHA-256, versions). See docs/deploy.md.
 """
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=("stablehlo", "onnx"))
     p.add_argument("--height", type=int, required=True, help="input height in pixels (fixed per artifact)")
     p.add_argument("--width", type=int, required=True, help="input width in pixels (fixed per artifact)")
-    p.add_argument("--batch", type=int, help="fixed batch size (default: symbolic / dynamic)")
+    p.add_argument("--batch", type=int, help="fixed batch size (default: symbolic for StableHLO, 1 for ONNX)")
     p.add_argument("--sf", type=int, default=1, help="scale factor of non-blind models (default 1)")
     p.add_argument("--weights", help="checkpoint (.pth, .safetensors or converted); default: released")
     p.add_argument("--arch", help="architecture overrides, e.g. 'features=8,num_blocks=1' (fresh weights "

@@ -112,3 +112,41 @@ def test_cli_bad_input_one_line(tmp_path, capsys, bad, message):
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len([e for e in err if e.startswith("error:")]) == 1 and message in err[-1]
+
+
+@pytest.mark.slow
+def test_onnx_matches_library_in_onnxruntime():
+    pytest.importorskip("jax2onnx", reason="ONNX export needs the export extra: pip install -e '.[export]'")
+    pytest.importorskip("onnxruntime", reason="the ONNX check needs onnxruntime (export extra)")
+    from converse_jax.export import onnx_export as O
+
+    for i, (name, arch) in enumerate(SMALL.items()):
+        h, w = [(16, 20), (24, 16)][i % 2]  # two image sizes across the four networks
+        spec = get_spec(name)
+        model = create(name, rngs=nnx.Rngs(2), **arch)
+        sf = 2 if spec.task.takes_kernel else 1  # the non-blind model with a fixed sf > 1
+        blob, extra = O.export_onnx(model, spec, X.ExportSpec(height=h, width=w, batch=2, sf=sf))
+        assert extra["onnx"]["nodes"] == sum(extra["onnx"]["operators"].values()) > 0
+        x, k = _inputs(name, 2, h, w)
+        batch = {"input": x} if k is None else {"input": x, "kernel": k}
+        ref = np.asarray(jax.jit(lambda b, m=model, t=spec.task, s=sf: t.forward(m, b, sf=s))(batch))
+        out = O.run_onnx(blob, x, *([] if k is None else [k]))
+        assert out.shape == ref.shape, name
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4, err_msg=name)
+
+
+def test_realify_matches_fft_and_complex_ops():
+    from converse_jax.export.realify import realify
+
+    def fn(x):
+        z = jax.numpy.fft.rfft2(x)
+        full = jax.numpy.fft.fft2(x.astype(jax.numpy.complex64))
+        g = jax.numpy.fft.rfft2(jax.numpy.ones(x.shape[-2:]) * 0.5)  # a constant, folded at export
+        back = jax.numpy.fft.irfft2(z * g + jax.numpy.conj(z) * 0.1, s=x.shape[-2:])
+        return back + jax.numpy.fft.ifft2(full * 1j).real
+
+    x = np.random.default_rng(3).normal(size=(2, 6, 7)).astype(np.float32)
+    real_fn = realify(fn, x)
+    prims = {e.primitive.name for e in jax.make_jaxpr(real_fn)(x).jaxpr.eqns}
+    assert "fft" not in prims and not any(v.aval.dtype.kind == "c" for v in jax.make_jaxpr(real_fn)(x).jaxpr.outvars)
+    np.testing.assert_allclose(np.asarray(real_fn(x)), np.asarray(fn(x)), rtol=0, atol=1e-5)
