@@ -3,9 +3,9 @@ numbers or 2-D FFTs (ONNX).
 
 :func:`realify` evaluates the function's jaxpr equation by equation:
 
-- equations whose inputs are all known at export time (weights, constants) are computed once and
-  become constants: every Converse2D filter ``G`` depends only on the weights, so only the data path
-  remains in the graph;
+- equations whose inputs are all known at export time (weights, constants) and whose outputs are small
+  (:data:`FOLD_LIMIT`) are computed once and become constants; larger ones, such as the Converse2D
+  filters ``G`` (one value per pixel and channel), stay in the graph, computed from the weights;
 - complex values of the data path are carried as (real, imaginary) pairs (:class:`Cplx`), and the
   primitives that touch them are applied to the parts;
 - each FFT (2-D real, inverse real and complex) becomes products with DFT matrices over its axes
@@ -30,6 +30,12 @@ from jax.extend import core
 
 STRUCTURAL = {"reshape", "slice", "rev", "broadcast_in_dim", "transpose", "squeeze", "expand_dims", "copy",
               "copy_p", "reduce_sum", "dynamic_slice"}
+
+
+# Constant equations with outputs up to this many elements are folded at export time; larger ones (the
+# Converse2D filters, a few per pixel and channel) stay in the graph, computed there from the weights, so
+# the model's size does not grow with the image size.
+FOLD_LIMIT = 1 << 15
 
 
 @dataclasses.dataclass
@@ -123,6 +129,13 @@ def _complex_rule(name: str, prim: Any, ins: list[Any], params: dict[str, Any]) 
     if name == "conj":
         z = _as_c(ins[0])
         return Cplx(z.re, -z.im)
+    if name == "exp":
+        z = _as_c(ins[0])
+        mag = jnp.exp(z.re)
+        return Cplx(mag * jnp.cos(z.im), mag * jnp.sin(z.im))
+    if name == "abs":
+        z = _as_c(ins[0])
+        return jnp.sqrt(z.re * z.re + z.im * z.im)
     if name == "neg":
         z = _as_c(ins[0])
         return Cplx(-z.re, -z.im)
@@ -138,9 +151,11 @@ def _complex_rule(name: str, prim: Any, ins: list[Any], params: dict[str, Any]) 
         if name == "mul" and not _is_complex(a):
             b = _as_c(b)
             return Cplx(a * b.re, a * b.im)
+        a, b = _as_c(a), _as_c(b)
         if name == "mul":
-            a, b = _as_c(a), _as_c(b)
             return Cplx(a.re * b.re - a.im * b.im, a.re * b.im + a.im * b.re)
+        den = b.re * b.re + b.im * b.im
+        return Cplx((a.re * b.re + a.im * b.im) / den, (a.im * b.re - a.re * b.im) / den)
     if name in STRUCTURAL or name == "gather":
         z = _as_c(ins[0])
         return Cplx(_bind(prim, [z.re, *ins[1:]], params), _bind(prim, [z.im, *ins[1:]], params))
@@ -210,13 +225,14 @@ def _apply(eqn: Any, ins: list[Any]) -> list[Any]:
         return eval_jaxpr(branch.jaxpr, branch.consts, ins[1:])
     if name == "scan":
         return _scan(ins, params)
-    static_shapes = all(isinstance(d, int) for v in eqn.outvars for d in getattr(v.aval, "shape", ()))
-    if static_shapes and not any(_traced(v) for v in ins):
+    shapes = [getattr(v.aval, "shape", ()) for v in eqn.outvars]
+    static = all(isinstance(d, int) for shape in shapes for d in shape)
+    if static and sum(int(np.prod(shape)) for shape in shapes) <= FOLD_LIMIT and not any(_traced(v) for v in ins):
         with jax.ensure_compile_time_eval():
             out = prim.bind(*ins, **params)
         return list(out) if prim.multiple_results else [out]
-    if any(isinstance(v, Cplx) for v in ins) or any(jnp.issubdtype(v.aval.dtype, jnp.complexfloating)
-                                                   for v in eqn.outvars):
+    complex_out = any(jnp.issubdtype(v.aval.dtype, jnp.complexfloating) for v in eqn.outvars)
+    if complex_out or any(_is_complex(v) for v in ins):
         return [_complex_rule(name, prim, ins, params)]
     out = prim.bind(*ins, **params)
     return list(out) if prim.multiple_results else [out]
