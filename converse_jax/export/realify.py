@@ -118,8 +118,8 @@ def _bind(prim: Any, args: list[Any], params: dict[str, Any]) -> Any:
     return prim.bind(*args, **params)
 
 
-def _complex_rule(name: str, prim: Any, ins: list[Any], params: dict[str, Any]) -> Any:
-    """One primitive applied to operands of which at least one is a traced complex pair."""
+def _complex_arith(name: str, prim: Any, ins: list[Any], params: dict[str, Any]) -> Any:
+    """The arithmetic primitives on complex pairs (None for the others)."""
     if name == "real":
         return _as_c(ins[0]).re
     if name == "imag":
@@ -156,6 +156,14 @@ def _complex_rule(name: str, prim: Any, ins: list[Any], params: dict[str, Any]) 
             return Cplx(a.re * b.re - a.im * b.im, a.re * b.im + a.im * b.re)
         den = b.re * b.re + b.im * b.im
         return Cplx((a.re * b.re + a.im * b.im) / den, (a.im * b.re - a.re * b.im) / den)
+    return None
+
+
+def _complex_rule(name: str, prim: Any, ins: list[Any], params: dict[str, Any]) -> Any:
+    """One primitive applied to operands of which at least one is a traced complex pair."""
+    out = _complex_arith(name, prim, ins, params)
+    if out is not None:
+        return out
     if name in STRUCTURAL or name == "gather":
         z = _as_c(ins[0])
         return Cplx(_bind(prim, [z.re, *ins[1:]], params), _bind(prim, [z.im, *ins[1:]], params))
