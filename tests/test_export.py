@@ -1,0 +1,152 @@
+"""Deployment artifacts: StableHLO modules run without converse_jax and match the library."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from converse_jax import export as X
+from converse_jax.models import create, get_spec
+from experiments import export as cli
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {  # small architectures of the four networks (fresh weights): the export path, not the values
+    "dncnn": dict(features=8, num_blocks=2),
+    "srresnet": dict(features=8, num_blocks=1),
+    "conversenet": dict(features=8, num_blocks=1, num_iterations=2),
+    "usrnet": dict(features=8, num_blocks=1, num_iterations=2),
+}
+
+# Runs in a fresh interpreter with JAX only: loads each artifact, checks that no converse_jax module
+# was imported, and saves the outputs.
+RUNNER = textwrap.dedent("""
+    import sys, jax, numpy as np
+    data = np.load(sys.argv[1])
+    out = {}
+    for name in sys.argv[3:]:
+        exp = jax.export.deserialize(bytearray(open(f"{sys.argv[2]}/{name}.stablehlo", "rb").read()))
+        args = [data[name + "_x"]] + ([data[name + "_k"]] if name + "_k" in data.files else [])
+        out[name] = np.asarray(exp.call(*args))
+    leaked = sorted(m for m in sys.modules if m.startswith("converse_jax"))
+    assert not leaked, leaked
+    np.savez(sys.argv[1].replace(".npz", "_out.npz"), **out)
+""")
+
+
+def _inputs(name: str, batch: int, h: int, w: int):
+    rng = np.random.default_rng(0)
+    spec = get_spec(name)
+    x = rng.uniform(0, 1, (batch, h, w, spec.in_channels)).astype(np.float32)
+    if not spec.task.takes_kernel:
+        return x, None
+    k = rng.uniform(0, 1, (batch, 7, 7)).astype(np.float32)
+    return x, k / k.sum(axis=(1, 2), keepdims=True)
+
+
+@pytest.mark.slow
+def test_stablehlo_runs_without_converse_jax(tmp_path):
+    data, ref = {}, {}
+    for name, arch in SMALL.items():
+        spec = get_spec(name)
+        model = create(name, rngs=nnx.Rngs(1), **arch)
+        exported = X.export_stablehlo(model, spec, X.ExportSpec(height=16, width=20))  # symbolic batch
+        assert "b" in str(exported.in_avals[0].shape[0])
+        (tmp_path / f"{name}.stablehlo").write_bytes(exported.serialize())
+        # Called at a batch size the artifact was not traced with: the batch is symbolic.
+        x, k = _inputs(name, 3, 16, 20)
+        data[name + "_x"] = x
+        batch = {"input": x}
+        if k is not None:
+            data[name + "_k"] = k
+            batch["kernel"] = k
+        ref[name] = np.asarray(jax.jit(lambda b, m=model, t=spec.task: t.forward(m, b))(batch))
+    np.savez(tmp_path / "in.npz", **data)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", RUNNER, str(tmp_path / "in.npz"), str(tmp_path), *SMALL],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = np.load(tmp_path / "in_out.npz")
+    for name in SMALL:
+        assert out[name].shape == ref[name].shape, name
+        np.testing.assert_allclose(out[name], ref[name], rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_cli_stablehlo_writes_artifact_and_description(tmp_path, capsys):
+    out = tmp_path / "usr.stablehlo"
+    args = ["--model=usrnet", "--arch=features=8,num_blocks=1,num_iterations=1", "--format=stablehlo",
+            "--height=12", "--width=16", "--batch=2", "--sf=2", f"--out={out}"]
+    assert cli.main(args) == 0
+    meta = json.loads(Path(str(out) + ".json").read_text())
+    assert meta["model"] == "usrnet" and meta["sf"] == 2 and meta["batch"] == "fixed"
+    assert meta["inputs"][0]["shape"] == [2, 12, 16, 3] and meta["inputs"][1]["shape"] == [2, 7, 7]
+    assert meta["outputs"][0]["shape"] == [2, 24, 32, 3] and meta["inputs"][0]["layout"] == "NHWC"
+    assert meta["versions"]["jax"] == jax.__version__ and len(meta["weights"]["params_sha256"]) == 64
+    exp = jax.export.deserialize(bytearray(out.read_bytes()))
+    x, k = _inputs("usrnet", 2, 12, 16)
+    assert np.asarray(exp.call(x, k)).shape == (2, 24, 32, 3)
+    # An existing artifact is kept unless --overwrite.
+    before = out.read_bytes()
+    assert cli.main(args) == 2
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == before
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--out=/nonexistent_dir/x.stablehlo"], "does not exist"),
+    (["--height=0"], "height must be a positive integer"),
+    (["--model=dncnn", "--sf=2"], "sf applies to non-blind models only"),
+])
+def test_cli_bad_input_one_line(tmp_path, capsys, bad, message):
+    args = ["--model=usrnet", "--arch=features=8,num_blocks=1,num_iterations=1", "--format=stablehlo",
+            "--height=12", "--width=16", f"--out={tmp_path / 'a.stablehlo'}"]
+    keys = {a.split("=")[0] for a in bad}
+    args = [a for a in args if a.split("=")[0] not in keys] + bad
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len([e for e in err if e.startswith("error:")]) == 1 and message in err[-1]
+
+
+@pytest.mark.slow
+def test_onnx_matches_library_in_onnxruntime():
+    pytest.importorskip("jax2onnx", reason="ONNX export needs the export extra: pip install -e '.[export]'")
+    pytest.importorskip("onnxruntime", reason="the ONNX check needs onnxruntime (export extra)")
+    from converse_jax.export import onnx_export as O
+
+    for i, (name, arch) in enumerate(SMALL.items()):
+        h, w = [(16, 20), (24, 16)][i % 2]  # two image sizes across the four networks
+        spec = get_spec(name)
+        model = create(name, rngs=nnx.Rngs(2), **arch)
+        sf = 2 if spec.task.takes_kernel else 1  # the non-blind model with a fixed sf > 1
+        blob, extra = O.export_onnx(model, spec, X.ExportSpec(height=h, width=w, batch=2, sf=sf))
+        assert extra["onnx"]["nodes"] == sum(extra["onnx"]["operators"].values()) > 0
+        x, k = _inputs(name, 2, h, w)
+        batch = {"input": x} if k is None else {"input": x, "kernel": k}
+        ref = np.asarray(jax.jit(lambda b, m=model, t=spec.task, s=sf: t.forward(m, b, sf=s))(batch))
+        out = O.run_onnx(blob, x, *([] if k is None else [k]))
+        assert out.shape == ref.shape, name
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4, err_msg=name)
+
+
+def test_realify_matches_fft_and_complex_ops():
+    from converse_jax.export.realify import realify
+
+    def fn(x):
+        z = jax.numpy.fft.rfft2(x)
+        full = jax.numpy.fft.fft2(x.astype(jax.numpy.complex64))
+        g = jax.numpy.fft.rfft2(jax.numpy.ones(x.shape[-2:]) * 0.5)  # a constant, folded at export
+        back = jax.numpy.fft.irfft2(z * g + jax.numpy.conj(z) * 0.1, s=x.shape[-2:])
+        return back + jax.numpy.fft.ifft2(full * 1j).real
+
+    x = np.random.default_rng(3).normal(size=(2, 6, 7)).astype(np.float32)
+    real_fn = realify(fn, x)
+    prims = {e.primitive.name for e in jax.make_jaxpr(real_fn)(x).jaxpr.eqns}
+    assert "fft" not in prims and not any(v.aval.dtype.kind == "c" for v in jax.make_jaxpr(real_fn)(x).jaxpr.outvars)
+    np.testing.assert_allclose(np.asarray(real_fn(x)), np.asarray(fn(x)), rtol=0, atol=1e-5)
