@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from typing import Any
 
-__all__ = ["in_notebook", "interactive"]
+from tqdm.auto import tqdm
+
+__all__ = ["in_notebook", "interactive", "progress_bar"]
 
 
 def in_notebook() -> bool:
@@ -22,3 +25,12 @@ def interactive(stream: Any = None) -> bool:
         return True
     isatty = getattr(sys.stderr if stream is None else stream, "isatty", None)
     return bool(isatty and isatty())
+
+
+def progress_bar(total: int, *, desc: str, unit: str, stream: Any = None, **options: Any) -> Any:
+    """A tqdm bar on ``stream`` (default stderr) at the terminal's width, or 100 columns where the terminal
+    reports none (a bare pseudo-terminal says 0x0, and tqdm would draw an empty bar); a widget in a notebook.
+    ``options`` go to tqdm."""
+    cols = shutil.get_terminal_size((0, 0)).columns
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr if stream is None else stream,
+                dynamic_ncols=cols > 0, ncols=None if cols > 0 else 100, **options)

@@ -20,19 +20,19 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from converse_jax import degradations as D
 from converse_jax.assets import asset
-from converse_jax.console import interactive
+from converse_jax.console import interactive, progress_bar
 from converse_jax.imageio import list_images, read_image, write_image
 from converse_jax.models import get_spec, list_models
 from converse_jax.tasks import DENOISE, Task, jit_forward
@@ -392,16 +392,14 @@ def evaluate(model: Any, spec: Any, images: str | Path | Sequence[tuple[str, np.
 
 
 class _ImageProgress:
-    """Per-image progress on stderr: a tqdm bar in a terminal (80 columns when it reports none) or
+    """Per-image progress on stderr: a tqdm bar in a terminal or
     a notebook; in a pipe one plain line per image, so no bar fragments mix into the table."""
 
     def __init__(self, desc: str, total: int, enabled: bool) -> None:
         self.desc, self.total, self.enabled, self.done = desc, total, enabled, 0
         self.bar = None
         if enabled and interactive():
-            cols = shutil.get_terminal_size((0, 0)).columns
-            self.bar = tqdm(total=total, desc=desc, unit="img", leave=False, file=sys.stderr,
-                            ncols=None if cols > 0 else 80)
+            self.bar = progress_bar(total, desc=desc, unit="img", leave=False)
 
     def step(self, res: ImageResult) -> None:
         self.done += 1
@@ -514,8 +512,6 @@ def memory_budget(max_memory_gib: float | None = None) -> float:
         if not max_memory_gib > 0:
             raise ValueError(f"--max-memory must be > 0 GiB, got {max_memory_gib}")
         return float(max_memory_gib) * 2**30
-    import jax
-
     dev = jax.local_devices()[0]
     if dev.platform != "cpu":
         stats = dev.memory_stats() or {}
@@ -532,8 +528,6 @@ def _available_ram() -> float:
                     return float(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from converse_jax.console import interactive
+from converse_jax.console import interactive, progress_bar
 
 
 def one_line(exc: BaseException) -> str:
@@ -109,11 +108,7 @@ class Progress:
             return
         if interactive(self.stream):
             if self._bar is None:
-                from tqdm.auto import tqdm
-
-                cols = shutil.get_terminal_size((0, 0)).columns
-                self._bar = tqdm(total=total, desc=self.label, unit="tile", file=self.stream, leave=False,
-                                 ncols=None if cols > 0 else 80)
+                self._bar = progress_bar(total, desc=self.label, unit="tile", stream=self.stream, leave=False)
             if done < self._bar.n:  # a gray network restores an RGB image channel by channel
                 self._bar.reset(total)
             self._bar.update(done - self._bar.n)

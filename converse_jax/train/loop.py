@@ -28,9 +28,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from tensorboardX import SummaryWriter
-from tqdm import tqdm
 
 from converse_jax.assets import asset
+from converse_jax.console import progress_bar
 from converse_jax.data import make_train_loader, make_val_set
 from converse_jax.degradations import imresize
 from converse_jax.imageio import write_image
@@ -406,14 +406,8 @@ class _Session:
         self.val_batches = [replicate({k: v[None] for k, v in item.items()}, run.mesh) for item in run.val_set]
         self.result.val_psnr_input = _input_psnr(run.val_set)
         self.show_bar = self.progress and self.main and sys.stderr.isatty()
-        try:
-            width = os.get_terminal_size(sys.stderr.fileno()).columns if self.show_bar else 0
-        except OSError:
-            width = 0
-        # a terminal that reports no width (a bare pty) would get an empty bar: use 100 columns there
-        self.bar = tqdm(total=self.config.steps, initial=run.start, unit="step", desc=self.config.model,
-                        dynamic_ncols=width > 0, ncols=None if width > 0 else 100, disable=not self.show_bar,
-                        file=sys.stderr, smoothing=0.1)
+        self.bar = progress_bar(self.config.steps, desc=self.config.model, unit="step", initial=run.start,
+                                disable=not self.show_bar, smoothing=0.1)
         if self.show_bar:
             self.write = lambda s: self.bar.write(s, file=sys.stdout)
         if self.main:
