@@ -27,10 +27,13 @@ def interactive(stream: Any = None) -> bool:
     return bool(isatty and isatty())
 
 
-def progress_bar(total: int, *, desc: str, unit: str, stream: Any = None, **options: Any) -> Any:
-    """A tqdm bar on ``stream`` (default stderr) at the terminal's width, or 100 columns where the terminal
-    reports none (a bare pseudo-terminal says 0x0, and tqdm would draw an empty bar); a widget in a notebook.
-    ``options`` go to tqdm."""
-    cols = shutil.get_terminal_size((0, 0)).columns
+def progress_bar(total: int | None, *, desc: str, unit: str, stream: Any = None, **options: Any) -> Any:
+    """A tqdm bar on ``stream`` (default stderr) at the terminal's width; a widget in a notebook.
+
+    A bare pseudo-terminal (a container's, ``script``'s, an IDE's) reports 0 columns and 0 rows: tqdm
+    then draws an empty bar (0 columns) or none at all (it hides bars beyond the screen's height, and
+    0 rows leaves no room), so such a terminal gets a fixed 100 x 20. ``options`` go to tqdm."""
+    size = shutil.get_terminal_size((0, 0))
+    sized = size.columns > 0 and size.lines > 0
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr if stream is None else stream,
-                dynamic_ncols=cols > 0, ncols=None if cols > 0 else 100, **options)
+                dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 20, **options)
