@@ -32,6 +32,44 @@ def run_main(run: Callable[[argparse.Namespace], int], args: argparse.Namespace)
 
 
 # ------------------------------------------------------------------------------------------------
+# Weights (restore and evaluate)
+
+
+def add_weights_flags(p: argparse.ArgumentParser) -> None:
+    """--weights and --arch."""
+    p.add_argument("--weights", metavar="PATH",
+                   help="a .pth, .safetensors, converted or training checkpoint, or a training workdir (its "
+                        "latest checkpoint). Default: the released weights from $CONVERSE_ASSETS/weights, the "
+                        "cache ($CONVERSE_JAX_CACHE) or a download, in this order")
+    p.add_argument("--arch", metavar="K=V,...",
+                   help="architecture of a network trained with --arch (e.g. 'features=16,num_blocks=4'); "
+                        "a training checkpoint records its own, so it needs none")
+
+
+def load_model(name: str, weights: str | None, arch: str | None) -> tuple[Any, Any]:
+    """``(model with weights, registry spec)``, the weights found as ``load_pretrained`` finds them;
+    prints the ``weights: <file> (<source>)`` line. A network trained with another ``upscale`` gets a
+    spec (and test protocol) of its own scale."""
+    import dataclasses
+
+    from converse_jax import evaluation as E
+    from converse_jax.train.config import parse_model_kwargs
+    from converse_jax.weights.pretrained import find_weights, load_pretrained, saved_model_kwargs
+
+    spec = E.get_model_spec(name)
+    kwargs = parse_model_kwargs(arch) if arch is not None else None
+    found = find_weights(name, weights, progress=interactive())
+    print(found, file=sys.stderr, flush=True)
+    model = load_pretrained(name, found.path, arch=kwargs, report=False)
+    upscale = (kwargs or saved_model_kwargs(found.path)).get("upscale")
+    if upscale is not None and int(upscale) != int(spec.scale) and spec.protocol is not None:
+        up = int(upscale)
+        protocol = dataclasses.replace(spec.protocol, scale=up, modcrop=up, border=up, paper={})
+        spec = dataclasses.replace(spec, scale=up, protocol=protocol)
+    return model, spec
+
+
+# ------------------------------------------------------------------------------------------------
 # Tiles, memory and outputs (restore and evaluate)
 
 

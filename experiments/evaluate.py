@@ -1,7 +1,7 @@
 """Evaluate a network with the paper's test protocol and print PSNR/SSIM per image.
 
     python -m experiments.evaluate --model=NAME [--dataset=NAME] [--data-dir=DIR]
-        [--weights=PATH] [--sigma=25] [--kernel=N] [--x8] [--save-images=DIR] [--json=FILE]
+        [--weights=PATH] [--arch=K=V,...] [--sigma=25] [--kernel=N] [--x8] [--save-images=DIR] [--json=FILE]
         [--tile=N] [--tile-overlap=M] [--overwrite]
 
 Datasets: set12, bsd68 (denoising), set5, set14, bsd100, urban100 (SR, deblurring). Set12
@@ -22,7 +22,15 @@ from converse_jax import evaluation as E
 from converse_jax.evaluation import DATASETS
 from converse_jax.fileio import write_json_atomic
 from converse_jax.tiling import is_out_of_memory
-from experiments._cli import add_tile_flags, check_output_dir, check_output_file, oom_hint, run_main
+from experiments._cli import (
+    add_tile_flags,
+    add_weights_flags,
+    check_output_dir,
+    check_output_file,
+    load_model,
+    oom_hint,
+    run_main,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model name (see converse_jax.models.list_models())")
     p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (default: the model's protocol)")
     p.add_argument("--data-dir", help="folder of ground-truth images (required for sets not bundled)")
-    p.add_argument("--weights", help="checkpoint (.pth, .safetensors or converted); default: released")
+    add_weights_flags(p)
     p.add_argument("--sigma", type=float, help="denoising noise level on the 0..255 scale (default 25)")
     p.add_argument("--kernel", type=int, help="deblurring: run only kernel N (1..5) of the paper's table")
     p.add_argument("--x8", action="store_true", help="8-fold flip/rotate self-ensemble")
@@ -66,7 +74,11 @@ def run(args: argparse.Namespace) -> int:
     images = E.load_test_images(folder, protocol.color)  # all readable before the long part
     print("restoring each image " + (f"in tiles of {tile} px, overlap {args.tile_overlap} (--tile)" if tile else
                                      "whole, as the paper's protocol does (--tile=N for tiles)"), file=sys.stderr)
-    model, spec = E.load_model(args.model, args.weights)
+    model, model_spec = load_model(args.model, args.weights, args.arch)
+    if model_spec.scale != spec.scale:  # trained with another --arch upscale: test at its scale
+        spec = model_spec
+        protocol = E.resolve_protocol(spec, dataset=dataset, sigma=args.sigma,
+                                      kernels=None if args.kernel is None else [args.kernel])
     restorer = E.make_restorer(model, spec, tile, args.tile_overlap, blend=args.tile_blend)
     try:
         report = E.evaluate(model, spec, images, protocol=protocol, dataset=dataset, x8=args.x8,

@@ -1,7 +1,7 @@
 """Restore your own images with a released (or trained) network; writes PNG files.
 
     python -m experiments.restore --model=NAME --input=FILE|DIR --output=FILE|DIR
-        [--kernel=FILE] [--sf=1] [--weights=PATH] [--x8]
+        [--kernel=FILE] [--sf=1] [--weights=PATH] [--arch=K=V,...] [--x8]
         [--tile=N] [--tile-overlap=M] [--max-memory=GiB] [--overwrite]
 
 A folder input restores every image in it into the output folder (``<name>.png``); an image
@@ -28,7 +28,17 @@ from pathlib import Path
 from converse_jax import evaluation as E
 from converse_jax.imageio import ImageError, list_images, read_image, read_kernel, write_image
 from converse_jax.tiling import is_out_of_memory
-from experiments._cli import Progress, add_tile_flags, check_output_dir, check_output_file, one_line, oom_hint, run_main
+from experiments._cli import (
+    Progress,
+    add_tile_flags,
+    add_weights_flags,
+    check_output_dir,
+    check_output_file,
+    load_model,
+    one_line,
+    oom_hint,
+    run_main,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="a .png file (single input) or a folder")
     p.add_argument("--kernel", help="blur kernel for non-blind deblurring: .npy or an image")
     p.add_argument("--sf", type=int, default=1, help="scale factor of non-blind models (default 1)")
-    p.add_argument("--weights", help="checkpoint (.pth, .safetensors or converted); default: released")
+    add_weights_flags(p)
     p.add_argument("--x8", action="store_true", help="8-fold flip/rotate self-ensemble")
     add_tile_flags(p)
     p.add_argument("--no-progress", action="store_true", help="print only one line per image")
@@ -133,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--tile must be >= 0 (0: the whole image), got {args.tile}")
     budget = E.memory_budget(args.max_memory)
     pairs = _prepare_outputs(args)
-    model, spec = E.load_model(args.model, args.weights)
+    model, spec = load_model(args.model, args.weights, args.arch)
     E.check_kernel_size(model, kernel)  # once, before the folder
     ctx = {"model": model, "spec": spec, "kernel": kernel, "budget": budget, "mem": None}
     failed = 0

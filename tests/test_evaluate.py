@@ -438,6 +438,15 @@ def test_restore_cli_folder_with_unreadable_image(tmp_path, capsys):
     np.testing.assert_array_equal(read_image(out / "a.png").shape, gt.shape)
 
 
+def _patch_cli_loading(monkeypatch, load):
+    """Replace the model loading of both command lines."""
+    import experiments.evaluate
+    import experiments.restore
+
+    monkeypatch.setattr(experiments.evaluate, "load_model", load)
+    monkeypatch.setattr(experiments.restore, "load_model", load)
+
+
 def test_outputs_are_checked_before_any_compute(tmp_path, capsys, monkeypatch):
     names = _registry_or_skip()
     dn = "dncnn" if "dncnn" in names else names[0]
@@ -446,6 +455,7 @@ def test_outputs_are_checked_before_any_compute(tmp_path, capsys, monkeypatch):
         raise AssertionError("the model was loaded before the outputs were checked")
 
     monkeypatch.setattr(E, "load_model", no_loading)
+    _patch_cli_loading(monkeypatch, no_loading)
     img = tmp_path / "in.png"
     write_image(img, np.zeros((16, 16, 1), np.uint8))
     done = tmp_path / "done.png"
@@ -533,7 +543,7 @@ def test_out_of_memory_is_one_line_naming_a_tile(tmp_path, capsys, monkeypatch):
     def oom(*args, **kwargs):
         raise RuntimeError("INTERNAL: Error dispatching computation: Out of memory allocating 5425792516 bytes")
 
-    monkeypatch.setattr(E, "load_model", lambda name, weights=None: (Gain(1.0), E.get_model_spec(name)))
+    _patch_cli_loading(monkeypatch, lambda name, weights=None, arch=None: (Gain(1.0), E.get_model_spec(name)))
     monkeypatch.setattr(E, "restore_array", oom)
     monkeypatch.setattr(E, "evaluate", oom)
     img = tmp_path / "big.png"

@@ -413,6 +413,7 @@ def test_load_pretrained_from_cache_and_download(monkeypatch, tmp_path):
     blob = pth.read_bytes()
     cache = tmp_path / "cache"
     monkeypatch.setenv("CONVERSE_JAX_CACHE", str(cache))
+    monkeypatch.setenv("CONVERSE_ASSETS", str(tmp_path / "no_assets"))  # else ../shared/weights comes first
     calls = []
 
     def opener(url, timeout=60.0):

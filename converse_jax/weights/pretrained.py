@@ -1,15 +1,26 @@
-"""The released networks, ready to run: :func:`load_pretrained`.
+"""The released networks, ready to run: :func:`load_pretrained`, and the one lookup of weight
+files that it and every command line share, :func:`find_weights`.
 
-Weights come from ``path`` (a PyTorch ``.pth``, a ``.safetensors`` file or a converted orbax
-checkpoint directory) or, without it, from the cache directory (``$CONVERSE_JAX_CACHE``,
-default ``~/.cache/converse_jax``), where the official release file is downloaded on first
-use and kept only once its SHA-256 matches the registry's.
+Where the weights of a model come from, first match wins:
+
+1. an explicit path (``path=``, ``--weights``): a PyTorch ``.pth``, a ``.safetensors`` file, a
+   converted orbax checkpoint directory, a training checkpoint or a training workdir (its latest
+   checkpoint);
+2. the assets folder, ``$CONVERSE_ASSETS/weights/<release file>`` (by default ``../shared``
+   beside the repository checkout, see :mod:`converse_jax.assets`);
+3. the cache directory, ``$CONVERSE_JAX_CACHE/<release file>`` (default ``~/.cache/converse_jax``);
+4. a download of the release URL into the cache.
+
+Release files from 2-4 must have the SHA-256 of the model registry (and of a ``SHA256SUMS`` file
+beside them, where there is one); a file that does not is refused, never used silently.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -20,13 +31,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from converse_jax import models
+from converse_jax.assets import assets_dir
+from converse_jax.console import progress_bar
 from converse_jax.weights.checkpoint import (
     is_converted_checkpoint,
     load_converted,
     make_metadata,
+    read_metadata,
     save_converted,
     sha256_file,
 )
@@ -35,7 +48,9 @@ from converse_jax.weights.errors import ChecksumMismatchError, WeightMismatchErr
 from converse_jax.weights.reader import load_torch_state_dict
 
 __all__ = [
+    "WeightsFile",
     "cache_dir",
+    "find_weights",
     "fetch_release",
     "load_weights",
     "load_pretrained",
@@ -100,6 +115,7 @@ def fetch_release(name: str, *, cache: PathLike | None = None, download: bool = 
     except OSError as exc:
         raise WeightsUnavailableError(f"cannot create the cache directory {folder} ({exc}): set "
                                       f"CONVERSE_JAX_CACHE to a writable folder") from None
+    print(f"downloading {release.url} -> {target}", file=sys.stderr, flush=True)
     _download(release.url, target, release.sha256, progress=progress)
     return target
 
@@ -120,8 +136,8 @@ def _download(url: str, target: Path, sha256: str, *, progress: bool) -> None:
                     + _where_to_put(_Release(url, sha256), target)) from None
             with response:
                 length = _content_length(response)
-                with tqdm(total=length, unit="B", unit_scale=True, unit_divisor=1024,
-                          desc=target.name, disable=not progress, leave=False) as bar:
+                with progress_bar(length, unit="B", unit_scale=True, unit_divisor=1024,
+                                  desc=target.name, disable=not progress, leave=False) as bar:
                     while True:
                         try:
                             block = response.read(_CHUNK)
@@ -162,6 +178,85 @@ def _content_length(response: Any) -> int | None:
         return None
 
 
+@dataclasses.dataclass(frozen=True)
+class WeightsFile:
+    """Where :func:`find_weights` found a model's weights: ``path`` and ``source``, one of
+    ``"given path"``, ``"assets folder"``, ``"cache"`` and ``"downloaded"``."""
+
+    path: Path
+    source: str
+
+    def __str__(self) -> str:
+        return f"weights: {self.path} ({self.source})"
+
+
+def find_weights(name: str, path: PathLike | None = None, *, cache: PathLike | None = None,
+                 download: bool = True, progress: bool = True) -> WeightsFile:
+    """The weights file (or checkpoint directory) of model ``name``: ``path`` if given, else the
+    release file from the assets folder, the cache, or a download into the cache, in this order
+    (see the module's docstring). Release files are checked against their SHA-256.
+
+    Raises FileNotFoundError for a ``path`` that does not exist, :class:`ChecksumMismatchError`
+    for a release file with the wrong hash, :class:`WeightsUnavailableError` when none is found.
+    """
+    release = _spec(name).release
+    if path is not None:
+        given = Path(path).expanduser()
+        if not given.exists():
+            raise FileNotFoundError(f"weights {given} not found: check the path (--weights)")
+        return WeightsFile(_latest_in_workdir(given), "given path")
+    if release is None:
+        raise WeightsUnavailableError(f"model {name!r} has no released weights: pass a checkpoint "
+                                      f"(path=, --weights)")
+    shared = assets_dir() / "weights" / release.filename
+    if shared.is_file():
+        _check_release_file(shared, release.sha256)
+        return WeightsFile(shared, "assets folder")
+    folder = Path(cache).expanduser() if cache is not None else cache_dir()
+    if (folder / release.filename).is_file():
+        return WeightsFile(fetch_release(name, cache=folder, download=False), "cache")
+    return WeightsFile(fetch_release(name, cache=folder, download=download, progress=progress), "downloaded")
+
+
+def _check_release_file(path: Path, expected: str) -> None:
+    """ChecksumMismatchError unless ``path`` hashes to ``expected`` and to what a ``SHA256SUMS``
+    file beside it lists for it."""
+    wanted = {expected}
+    sums = path.parent / "SHA256SUMS"
+    if sums.is_file():
+        for line in sums.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[1].lstrip("*") == path.name:
+                wanted.add(parts[0].lower())
+    digest = sha256_file(path)
+    if wanted != {digest}:
+        raise ChecksumMismatchError(
+            f"{path} has sha256 {digest}, expected {' and '.join(sorted(wanted))}: replace the file, or "
+            f"pass it explicitly (path=, --weights) to use it anyway")
+
+
+def _latest_in_workdir(path: Path) -> Path:
+    """A training workdir's latest complete checkpoint (``<workdir>/checkpoints/<step>``); any other
+    path as it is."""
+    folder = path / "checkpoints"
+    if not path.is_dir() or is_converted_checkpoint(path) or not folder.is_dir():
+        return path
+    steps = [int(d.name) for d in folder.iterdir() if d.name.isdigit() and is_converted_checkpoint(d)]
+    if not steps:
+        raise FileNotFoundError(f"training workdir {path} has no complete checkpoint yet: train first, "
+                                f"or pass a checkpoint file")
+    return folder / str(max(steps))
+
+
+def saved_model_kwargs(path: PathLike) -> dict[str, Any]:
+    """The constructor arguments (``--arch``) that a training checkpoint was written with; ``{}``
+    for release files and converted checkpoints, which have the registry's architecture."""
+    path = Path(path)
+    if not is_converted_checkpoint(path):
+        return {}
+    return dict(read_metadata(path).get("model_kwargs") or {})
+
+
 def load_weights(name: str, path: PathLike, model: Any) -> tuple[dict[PathKey, np.ndarray],
                                                                   dict[str, Any]]:
     """Weights for ``model`` (a model ``name`` instance, possibly abstract) from ``path``:
@@ -190,14 +285,16 @@ def load_weights(name: str, path: PathLike, model: Any) -> tuple[dict[PathKey, n
 
 
 def load_pretrained(name: str, path: PathLike | None = None, *, dtype: Any = None,
-                    cache: PathLike | None = None, download: bool = True,
-                    progress: bool = True) -> Any:
+                    cache: PathLike | None = None, download: bool = True, progress: bool = True,
+                    arch: dict[str, Any] | None = None, report: bool = True) -> Any:
     """The NNX model ``name`` (``dncnn``, ``srresnet``, ``conversenet``, ``usrnet``) with its
     released (or given) weights.
 
-    ``path``: a ``.pth``, ``.safetensors`` or converted checkpoint directory; without it the
-    release file from the cache (downloaded into it if missing, see :func:`fetch_release`).
-    ``dtype``: float32 (default) or float64 (needs ``jax_enable_x64``).
+    ``path``: a ``.pth``, ``.safetensors``, converted or training checkpoint directory, or a training
+    workdir; without it the release file, looked up as :func:`find_weights` says. ``arch``: constructor
+    arguments for a network trained with ``--arch`` (a training checkpoint carries them, so it needs
+    none). ``dtype``: float32 (default) or float64 (needs ``jax_enable_x64``). ``report``: print which
+    file was used (one ``weights: <file> (<source>)`` line on stderr).
     """
     dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
@@ -205,13 +302,32 @@ def load_pretrained(name: str, path: PathLike | None = None, *, dtype: Any = Non
     if dtype == jnp.float64 and not jax.config.jax_enable_x64:
         raise ValueError("dtype float64 needs 64-bit JAX: call "
                          "jax.config.update('jax_enable_x64', True) first")
-    _spec(name)
-    if path is None:
-        path = fetch_release(name, cache=cache, download=download, progress=progress)
-    model = models.create(name, rngs=nnx.Rngs(0), param_dtype=dtype)
-    weights, meta = load_weights(name, path, model)
-    assign_weights(model, weights, source=str(meta.get("source_file", path)), model_name=name)
+    found = find_weights(name, path, cache=cache, download=download, progress=progress)
+    if report:
+        print(found, file=sys.stderr, flush=True)
+    kwargs = _model_kwargs(found.path, arch)
+    try:
+        model = models.create(name, rngs=nnx.Rngs(0), param_dtype=dtype, **kwargs)
+    except TypeError as exc:
+        raise ValueError(f"architecture {kwargs} does not fit {name}: {exc}; check --arch") from None
+    weights, meta = load_weights(name, found.path, model)
+    assign_weights(model, weights, source=str(meta.get("source_file", found.path)), model_name=name)
     return model
+
+
+def _model_kwargs(path: Path, arch: dict[str, Any] | None) -> dict[str, Any]:
+    """``arch``, or the checkpoint's own; ValueError when both are given and differ."""
+    saved = saved_model_kwargs(path)
+    if arch is None or not arch:
+        return saved
+    if saved and dict(arch) != saved:
+        raise ValueError(f"--arch {_arch_text(arch)} differs from the architecture {path} was trained with "
+                         f"({_arch_text(saved)}): drop --arch, the checkpoint's own is used")
+    return dict(arch)
+
+
+def _arch_text(kwargs: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in kwargs.items())
 
 
 def convert_checkpoint(name: str, weights: PathLike, out: PathLike, *,
