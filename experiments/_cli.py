@@ -48,8 +48,9 @@ def add_weights_flags(p: argparse.ArgumentParser) -> None:
 
 def load_model(name: str, weights: str | None, arch: str | None) -> tuple[Any, Any]:
     """``(model with weights, registry spec)``, the weights found as ``load_pretrained`` finds them;
-    prints the ``weights: <file> (<source>)`` line. A network trained with another ``upscale`` gets a
-    spec (and test protocol) of its own scale."""
+    prints the ``weights: <file> (<source>)`` line. A network of another architecture (``--arch``, or
+    a training checkpoint's) gets a test protocol without the paper's figures, and one of its own scale
+    when its ``upscale`` differs."""
     import dataclasses
 
     from converse_jax import evaluation as E
@@ -61,11 +62,13 @@ def load_model(name: str, weights: str | None, arch: str | None) -> tuple[Any, A
     found = find_weights(name, weights, progress=interactive())
     print(found, file=sys.stderr, flush=True)
     model = load_pretrained(name, found.path, arch=kwargs, report=False)
-    upscale = (kwargs or saved_model_kwargs(found.path)).get("upscale")
-    if upscale is not None and int(upscale) != int(spec.scale) and spec.protocol is not None:
-        up = int(upscale)
-        protocol = dataclasses.replace(spec.protocol, scale=up, modcrop=up, border=up, paper={})
-        spec = dataclasses.replace(spec, scale=up, protocol=protocol)
+    arch_used = kwargs or saved_model_kwargs(found.path)
+    if arch_used and spec.protocol is not None:  # not the paper's network: no paper figure to compare with
+        spec = dataclasses.replace(spec, protocol=dataclasses.replace(spec.protocol, paper={}))
+    up = int(arch_used.get("upscale", spec.scale))
+    if up != int(spec.scale) and spec.protocol is not None:
+        spec = dataclasses.replace(spec, scale=up, protocol=dataclasses.replace(spec.protocol, scale=up, modcrop=up,
+                                                                                 border=up))
     return model, spec
 
 

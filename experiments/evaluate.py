@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     print("restoring each image " + (f"in tiles of {tile} px, overlap {args.tile_overlap} (--tile)" if tile else
                                      "whole, as the paper's protocol does (--tile=N for tiles)"), file=sys.stderr)
     model, model_spec = load_model(args.model, args.weights, args.arch)
-    if model_spec.scale != spec.scale:  # trained with another --arch upscale: test at its scale
+    if model_spec != spec:  # trained with --arch: its own scale, no paper figures
         spec = model_spec
         protocol = E.resolve_protocol(spec, dataset=dataset, sigma=args.sigma,
                                       kernels=None if args.kernel is None else [args.kernel])

@@ -41,6 +41,7 @@ from converse_jax.train import (
     setup_distributed,
     train,
 )
+from converse_jax.train.loop import SecondInterrupt
 from experiments._cli import one_line
 
 PROG = "python -m experiments.train"
@@ -173,8 +174,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: {one_line(exc)}", file=err)
         return 2
+    except SecondInterrupt:
+        print(f"{PROG}: stopped by a second Ctrl-C: the last finished checkpoint is kept; rerun the same "
+              f"command to resume", file=err)
+        return 130
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted (second Ctrl-C): the last finished checkpoint is kept", file=err)
+        print(f"{PROG}: interrupted: checkpoints already written are kept; rerun the same command to resume",
+              file=err)
         return 130
 
     if jax.process_index() != 0:
@@ -182,9 +188,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = sys.stdout
     if result.checkpoint is not None:
         print(f"checkpoint: {result.checkpoint} (step {result.step})", file=out)
-        if config.model_kwargs:
-            print(f"note: trained with --arch {args.arch}; load it with create(..., **{dict(config.model_kwargs)}) "
-                  f"and converse_jax.weights.load_weights, evaluate builds the released architecture", file=out)
         print(f"evaluate: {evaluate_command(config.model, result.checkpoint)}", file=out)
     if result.val_psnr is not None:
         print(f"validation PSNR {result.val_psnr:.2f} dB (inputs {result.val_psnr_input:.2f} dB)", file=out)

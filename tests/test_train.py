@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from flax import nnx
 
 from conftest import require_asset
 from converse_jax.data import make_train_loader
+from converse_jax.imageio import read_image, write_image
 from converse_jax.models import create, get_spec, list_models
 from converse_jax.nn import BlockStack
 from converse_jax.train import (
@@ -287,6 +289,7 @@ def test_sigkill_then_sigint_then_resume_equals_an_uninterrupted_run(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err
+    assert "Ctrl-C again" in err and "second Ctrl-C" not in err
     assert f"resumed from {killed / 'checkpoints' / str(last)}" in out
     stopped = max(_finished_steps(killed))
     assert stopped > last + 2
@@ -296,7 +299,7 @@ def test_sigkill_then_sigint_then_resume_equals_an_uninterrupted_run(tmp_path):
                           capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = ref / "checkpoints" / str(stopped)
-    assert f"evaluate: python -m experiments.evaluate --model=dncnn --weights={ckpt}" in proc.stdout
+    assert f"evaluate: python -m experiments.evaluate --model=dncnn --weights={shlex.quote(str(ckpt))}" in proc.stdout
     got, want = _metrics(killed), _metrics(ref)
     assert sorted(got) == list(range(1, stopped + 1)) == sorted(want)
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-6)
@@ -307,6 +310,68 @@ def test_sigkill_then_sigint_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert len(_finished_steps(killed)) <= 3  # --keep default
     assert sorted(p.name for p in (ref / "val").iterdir()) == [f"step_{stopped:07d}.png"]
     assert any((killed / "tensorboard").iterdir())
+
+
+@pytest.mark.slow
+def test_the_printed_evaluate_command_runs_as_printed(tmp_path, capsys):
+    """A run trained with --arch prints an evaluate command that runs as printed (the checkpoint
+    records its architecture); restore reads the workdir's latest checkpoint and accepts a matching
+    --arch, and refuses another one."""
+    work = tmp_path / "run"
+    env = {**_env(), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(_cli(*_tiny_flags(work, 2)), cwd=tmp_path, env=env, text=True, capture_output=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = [line.removeprefix("evaluate: ") for line in proc.stdout.splitlines() if line.startswith("evaluate: ")]
+    assert len(printed) == 1
+    command = shlex.split(printed[0])
+    assert command[:3] == ["python", "-m", "experiments.evaluate"]
+    # the bundled test set the command evaluates on, made tiny through CONVERSE_ASSETS
+    gt = read_image(require_asset("testsets", "Set12", "01.png"), color="gray")
+    bundled = tmp_path / "assets" / "testsets" / "Set12"
+    bundled.mkdir(parents=True)
+    write_image(bundled / "a.png", gt[:32, :24])
+    write_image(bundled / "b.png", gt[40:64, 40:72])
+    env["CONVERSE_ASSETS"] = str(tmp_path / "assets")
+    ev = subprocess.run([sys.executable, *command[1:]], cwd=tmp_path, env=env, text=True, capture_output=True,
+                        timeout=300)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert f"weights: {work / 'checkpoints' / '2'} (given path)" in ev.stderr
+    assert "average" in ev.stdout and "a.png" in ev.stdout and "paper" not in ev.stdout
+    from experiments.restore import main as restore
+
+    args = ["--model=dncnn", f"--weights={work}", f"--input={bundled / 'a.png'}", "--no-progress"]
+    assert restore([*args, f"--output={tmp_path / 'a.png'}", f"--arch={TINY_ARCH}"]) == 0
+    assert read_image(tmp_path / "a.png").shape == (32, 24, 1)
+    assert restore([*args, f"--output={tmp_path / 'b.png'}", "--arch=features=8,num_blocks=1"]) == 2
+    assert "--arch" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "b.png").exists()
+
+
+def test_only_a_second_ctrl_c_is_called_one(monkeypatch, capsys):
+    """The first SIGINT asks to finish the step (and says how to stop at once); the second aborts, and
+    only then does the command line speak of a second Ctrl-C."""
+    import experiments.train as train_cli
+    from converse_jax.train.loop import SecondInterrupt, _Interrupt
+
+    interrupt = _Interrupt()
+    interrupt._handler(signal.SIGINT, None)
+    assert interrupt.requested == "SIGINT" and "Ctrl-C again" in capsys.readouterr().err
+    with pytest.raises(SecondInterrupt):
+        interrupt._handler(signal.SIGINT, None)
+
+    def stopped(exc):
+        def fake_train(config, progress=True):
+            raise exc
+        monkeypatch.setattr(train_cli, "train", fake_train)
+        monkeypatch.setenv("CONVERSE_JAX_COMPILE_CACHE", "off")
+        code = train_cli.main(["--model=dncnn", "--steps=1"])
+        return code, capsys.readouterr().err
+
+    code, err = stopped(KeyboardInterrupt())  # e.g. during start-up, before the loop's handler
+    assert code == 130 and "second" not in err and "resume" in err
+    code, err = stopped(SecondInterrupt())
+    assert code == 130 and "second Ctrl-C" in err
 
 
 def _tiny_config(workdir: Path, **kw) -> TrainConfig:

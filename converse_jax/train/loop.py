@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -29,7 +30,6 @@ from flax import nnx
 from jax.sharding import Mesh
 from tensorboardX import SummaryWriter
 
-from converse_jax.assets import asset
 from converse_jax.console import progress_bar
 from converse_jax.data import make_train_loader, make_val_set
 from converse_jax.degradations import imresize
@@ -59,9 +59,9 @@ from converse_jax.train.step import (
     split_state,
 )
 from converse_jax.weights.convert import assign_weights
-from converse_jax.weights.pretrained import fetch_release, load_weights
+from converse_jax.weights.pretrained import find_weights, load_weights
 
-__all__ = ["TrainResult", "train", "initial_params", "make_grid", "MetricsLog", "evaluate_command"]
+__all__ = ["SecondInterrupt", "TrainResult", "train", "initial_params", "make_grid", "MetricsLog", "evaluate_command"]
 
 BatchSource = Callable[[int], Iterator[Mapping[str, np.ndarray]]]
 _GRID_ROWS = 4
@@ -123,14 +123,15 @@ class MetricsLog:
             self._fh = None
 
 
-def _init_path(config: TrainConfig) -> Path:
-    """The weights file or checkpoint directory that ``config.init_from`` names."""
+def _init_path(config: TrainConfig) -> tuple[Path, str]:
+    """The weights file or checkpoint directory that ``config.init_from`` names, and where it was
+    found (the released weights are looked up as :func:`converse_jax.weights.pretrained.find_weights`
+    says: assets folder, cache, download)."""
     if config.init_from == "pretrained":
-        release = get_spec(config.model).release
-        if release is None:
+        if get_spec(config.model).release is None:
             raise TrainConfigError(f"{config.model} has no released weights: use --init-from=PATH")
-        shared = asset("weights", release.filename)
-        return shared if shared.is_file() else fetch_release(config.model, progress=False)
+        found = find_weights(config.model, progress=False)
+        return found.path, found.source
     path = Path(config.init_from).expanduser()
     if not path.exists():
         raise TrainConfigError(f"--init-from {path} does not exist: pass 'pretrained' or a checkpoint path")
@@ -140,21 +141,21 @@ def _init_path(config: TrainConfig) -> Path:
             raise TrainConfigError(f"--init-from {path} is neither a checkpoint nor a training workdir "
                                    f"with checkpoints")
         path = found
-    return path
+    return path, "--init-from"
 
 
 def initial_params(config: TrainConfig, model: nnx.Module) -> tuple[tuple[State, State], str]:
     """``((params, extra), description)`` to start from (see :func:`split_state`): ``model`` as built
     (``init_from`` None), or ``model`` with the weights ``init_from`` names loaded into it: the released
-    weights (``"pretrained"``: the shared assets' copy if present, else load_pretrained's cache or
-    download), or a checkpoint ``PATH`` (.pth, .safetensors, converted or training checkpoint
-    directory, or a training workdir: its latest checkpoint)."""
+    weights (``"pretrained"``, found as ``load_pretrained`` finds them), or a checkpoint ``PATH`` (.pth,
+    .safetensors, converted or training checkpoint directory, or a training workdir: its latest
+    checkpoint)."""
     if not config.init_from:
         return split_state(model), f"random initialisation (seed {config.seed})"
-    path = _init_path(config)
+    path, source = _init_path(config)
     weights, _ = load_weights(config.model, path, model)
     assign_weights(model, weights, source=str(path), model_name=config.model)
-    return split_state(model), f"weights from {path}"
+    return split_state(model), f"weights: {path} ({source})"
 
 
 def make_grid(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], gap: int = 2) -> np.ndarray:
@@ -197,12 +198,18 @@ def _input_psnr(val_set: list[dict[str, np.ndarray]]) -> float:
 
 
 def evaluate_command(model: str, checkpoint: Path) -> str:
-    """The command that evaluates a checkpoint with the paper's protocol."""
-    return f"python -m experiments.evaluate --model={model} --weights={checkpoint}"
+    """The shell command that evaluates a checkpoint with the paper's protocol (the checkpoint
+    records its architecture, so the command needs no ``--arch``)."""
+    return f"python -m experiments.evaluate --model={model} --weights={shlex.quote(str(checkpoint))}"
+
+
+class SecondInterrupt(KeyboardInterrupt):
+    """A second Ctrl-C while the first one's step and checkpoint were still being finished."""
 
 
 class _Interrupt:
-    """First SIGINT/SIGTERM: finish the step, save, stop. A second SIGINT aborts at once."""
+    """First SIGINT/SIGTERM: finish the step, save, stop. A second SIGINT aborts at once
+    (:class:`SecondInterrupt`)."""
 
     def __init__(self) -> None:
         self.requested: str | None = None
@@ -210,8 +217,11 @@ class _Interrupt:
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise SecondInterrupt
         self.requested = signal.Signals(signum).name
+        again = "; Ctrl-C again to stop at once, without saving" if signum == signal.SIGINT else ""
+        print(f"\n{self.requested} received: finishing this step and saving a checkpoint{again}",
+              file=sys.stderr, flush=True)
 
     def __enter__(self) -> _Interrupt:
         if threading.current_thread() is threading.main_thread():
