@@ -95,6 +95,19 @@ def add_tile_flags(p: argparse.ArgumentParser, whole_by_default: bool = False) -
     p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
 
 
+def check_tile_flags(tile: int | None, overlap: int) -> None:
+    """ValueError for --tile/--tile-overlap values that no image could use (checked before any compute)."""
+    from converse_jax.tiling import MIN_TILE
+
+    if tile is not None and tile < 0:
+        raise ValueError(f"--tile must be >= 0 (0: the whole image), got {tile}")
+    if tile and tile < MIN_TILE:
+        raise ValueError(f"--tile must be 0 (whole image) or at least {MIN_TILE} pixels, got {tile}")
+    if overlap < 0 or (tile and 2 * overlap >= tile):
+        raise ValueError("--tile-overlap must be >= 0" + (f" and less than half the tile ({tile})" if tile else "")
+                         + f", got {overlap}")
+
+
 def check_output_file(path: Path, flag: str, overwrite: bool) -> None:
     """ValueError unless ``path`` can be written: its folder exists and is writable, it is not a
     folder, and it does not exist yet (or ``overwrite``)."""

@@ -27,6 +27,7 @@ from experiments._cli import (
     add_weights_flags,
     check_output_dir,
     check_output_file,
+    check_tile_flags,
     load_model,
     oom_hint,
     run_main,
@@ -68,9 +69,8 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(json_path, "--json", args.overwrite)
     if args.save_images is not None:
         check_output_dir(Path(args.save_images).expanduser(), "--save-images")
+    check_tile_flags(args.tile, args.tile_overlap)
     tile = args.tile or 0
-    if tile < 0:
-        raise ValueError(f"--tile must be >= 0 (0: the whole image), got {tile}")
     images = E.load_test_images(folder, protocol.color)  # all readable before the long part
     print("restoring each image " + (f"in tiles of {tile} px, overlap {args.tile_overlap} (--tile)" if tile else
                                      "whole, as the paper's protocol does (--tile=N for tiles)"), file=sys.stderr)

@@ -34,6 +34,7 @@ from experiments._cli import (
     add_weights_flags,
     check_output_dir,
     check_output_file,
+    check_tile_flags,
     load_model,
     one_line,
     oom_hint,
@@ -139,8 +140,7 @@ def run(args: argparse.Namespace) -> int:
     spec = E.get_model_spec(args.model)
     E.check_restore_options(spec, args.kernel is not None, args.sf)  # before anything slow
     kernel = read_kernel(args.kernel) if args.kernel is not None else None
-    if args.tile is not None and args.tile < 0:
-        raise ValueError(f"--tile must be >= 0 (0: the whole image), got {args.tile}")
+    check_tile_flags(args.tile, args.tile_overlap)
     budget = E.memory_budget(args.max_memory)
     pairs = _prepare_outputs(args)
     model, spec = load_model(args.model, args.weights, args.arch)

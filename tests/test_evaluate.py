@@ -469,6 +469,9 @@ def test_outputs_are_checked_before_any_compute(tmp_path, capsys, monkeypatch):
         assert "cannot write" in _one_error_line(capsys)
     assert _cli("restore", f"--model={dn}", f"--input={img}", f"--output={tmp_path / 'o.png'}", "--tile=-1") == 2
     assert "--tile" in _one_error_line(capsys)
+    assert _cli("restore", f"--model={dn}", f"--input={img}", f"--output={tmp_path / 'o.png'}", "--tile=64",
+                "--tile-overlap=32") == 2
+    assert "--tile-overlap" in _one_error_line(capsys)
     data = tmp_path / "data"
     data.mkdir()
     write_image(data / "a.png", np.zeros((16, 16, 1), np.uint8))
@@ -480,6 +483,8 @@ def test_outputs_are_checked_before_any_compute(tmp_path, capsys, monkeypatch):
     assert "does not exist" in _one_error_line(capsys)
     assert _cli("evaluate", f"--model={dn}", f"--data-dir={data}", f"--save-images={img}") == 2
     assert "is a file" in _one_error_line(capsys)
+    assert _cli("evaluate", f"--model={dn}", f"--data-dir={data}", "--tile=8") == 2
+    assert "--tile" in _one_error_line(capsys)
 
 
 def test_evaluate_with_tiles_matches_whole_for_a_pointwise_network():
