@@ -306,12 +306,20 @@ def load_pretrained(name: str, path: PathLike | None = None, *, dtype: Any = Non
     if report:
         print(found, file=sys.stderr, flush=True)
     kwargs = _model_kwargs(found.path, arch)
-    try:
-        model = models.create(name, rngs=nnx.Rngs(0), param_dtype=dtype, **kwargs)
+
+    def build() -> Any:
+        return models.create(name, rngs=nnx.Rngs(0), param_dtype=dtype, **kwargs)
+
+    try:  # shapes only: a random initialisation would cost more than the loading, and be overwritten
+        model = nnx.eval_shape(build)
     except TypeError as exc:
         raise ValueError(f"architecture {kwargs} does not fit {name}: {exc}; check --arch") from None
     weights, meta = load_weights(name, found.path, model)
-    assign_weights(model, weights, source=str(meta.get("source_file", found.path)), model_name=name)
+    source = str(meta.get("source_file", found.path))
+    assign_weights(model, weights, source=source, model_name=name)
+    if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(nnx.state(model))):
+        model = build()  # state that no checkpoint holds: keep its initial value
+        assign_weights(model, weights, source=source, model_name=name)
     return model
 
 
