@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, required=True, help="input width in pixels (fixed per artifact)")
     p.add_argument("--batch", type=int, help="fixed batch size (default: symbolic for StableHLO, 1 for ONNX)")
     p.add_argument("--sf", type=int, default=1, help="scale factor of non-blind models (default 1)")
-    p.add_argument("--weights", help="checkpoint (.pth, .safetensors or converted); default: released")
+    p.add_argument("--weights", help="checkpoint (.pth, .safetensors, converted or training checkpoint, or a "
+                                     "training workdir); default: the released weights (assets folder, cache, "
+                                     "download)")
     p.add_argument("--arch", help="architecture overrides, e.g. 'features=8,num_blocks=1' (fresh weights "
                                   "unless --weights holds a checkpoint of that architecture)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed with --arch and no --weights")
@@ -59,33 +61,28 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 def load(args: argparse.Namespace):
-    """(model, model spec, weights path or None, arch dict)."""
+    """(model, model spec, weights path or None, arch dict). The weights are found as every command
+    finds them (converse_jax.weights.pretrained.find_weights), unless --arch without --weights asks
+    for a freshly initialised network."""
     from flax import nnx
 
     from converse_jax import evaluation as E
     from converse_jax.models import create
     from converse_jax.train.config import parse_model_kwargs
-    from converse_jax.weights.convert import assign_weights
-    from converse_jax.weights.pretrained import load_weights
+    from converse_jax.weights.pretrained import find_weights, load_pretrained, saved_model_kwargs
 
     spec = E.get_model_spec(args.model)
-    if args.arch is None:
-        model, spec = E.load_model(args.model, args.weights)
-        weights = args.weights
-        if weights is None and spec.release is not None:
-            from converse_jax.assets import asset
-            released = asset("weights", spec.release.filename)
-            weights = str(released) if released.is_file() else None
-        return model, spec, weights, {}
-    arch = parse_model_kwargs(args.arch)
+    arch = parse_model_kwargs(args.arch) if args.arch is not None else None
+    if arch is None or args.weights is not None:
+        found = find_weights(args.model, args.weights)
+        print(found, file=sys.stderr, flush=True)
+        model = load_pretrained(args.model, found.path, arch=arch, report=False)
+        return model, spec, str(found.path), arch or saved_model_kwargs(found.path)
     try:
         model = create(args.model, rngs=nnx.Rngs(args.seed), **arch)
     except TypeError as exc:
         raise ValueError(f"--arch {args.arch!r} does not fit {args.model}: {exc}") from None
-    if args.weights is not None:
-        weights, meta = load_weights(args.model, args.weights, model)
-        assign_weights(model, weights, source=str(meta.get("source_file", args.weights)), model_name=args.model)
-    return model, spec, args.weights, arch
+    return model, spec, None, arch
 
 
 def run(args: argparse.Namespace) -> int:

@@ -347,6 +347,6 @@ def convert_checkpoint(name: str, weights: PathLike, out: PathLike, *,
     if weights.is_dir():
         raise ValueError(f"{weights} is a directory: pass the .pth or .safetensors file to "
                          f"convert")
-    model = models.create(name, rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: models.create(name, rngs=nnx.Rngs(0)))  # only its shapes are needed
     converted, meta = load_weights(name, weights, model)
     return save_converted(out, converted, meta, overwrite=overwrite)
