@@ -381,6 +381,21 @@ def _tiny_config(workdir: Path, **kw) -> TrainConfig:
     return config_from_spec("dncnn", **base)
 
 
+def test_progress_without_a_terminal_is_plain_lines_from_the_start(tmp_path, monkeypatch):
+    """In a pipe: a line before the setup, one before the compiling step, one after the first step,
+    then at most one per _PRINT_SECONDS, and one after the last step; no bar fragments."""
+    monkeypatch.setattr(loop_module, "_PRINT_SECONDS", 3600.0)
+    lines: list[str] = []
+    train(_tiny_config(tmp_path / "run", steps=4, log_every=10, eval_every=100), progress=True,
+          echo=lines.append)
+    steps = [line.split(":")[0] for line in lines if line.startswith("step ") and "/" in line.split(":")[0]]
+    assert "building the network" in lines[0]
+    assert any(line.startswith("compiling the training step") for line in lines)
+    assert steps == ["step 1/4", "step 4/4"], lines
+    assert "compilation" in next(line for line in lines if line.startswith("step 1/4"))
+    assert not any("\r" in line or "%|" in line for line in lines)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     def poisoned(start):
         def gen():

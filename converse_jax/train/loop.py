@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shlex
 import signal
@@ -398,7 +397,7 @@ class _Session:
         self.loss: float | None = None  # of the last step
         self.ema: float | None = None
         self.speed = _Speed(run.start, window_step=run.start)
-        self.last_print = -math.inf
+        self.last_print: tuple[int, float] | None = None  # (step, time) of the last step line (no bar)
         self.write: Callable[[str], None] = say if self.main else (lambda s: None)
         self.log: MetricsLog | None = None
         self.tb: Any = None
@@ -423,6 +422,8 @@ class _Session:
         if self.main:
             self.write(f"validation PSNR of the inputs: {self.result.val_psnr_input:.2f} dB "
                        f"({len(run.val_set)} images)")
+            if self.progress:
+                self.write("compiling the training step (the first step takes longest) ...")
 
     def loop(self, interrupt: _Interrupt) -> int:
         """Step until ``config.steps`` or an interrupt; returns the number of steps completed."""
@@ -442,6 +443,7 @@ class _Session:
             self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{self.ema:.4g}", refresh=False)
+            self._print_step(step, loss, seconds)
             self._periodic(step, loss, metrics)
             # every process stops after the same step, even when the signal reached only some of them
             if any_process(interrupt.requested is not None):
@@ -486,17 +488,31 @@ class _Session:
             self.save(step, loss)
         self.speed.resume_after(step)
 
+    def _print_step(self, step: int, loss: float, seconds: float) -> None:
+        """Without a progress bar (a pipe, a log file): a line after the first step, which includes the
+        compilation, then at most every ``_PRINT_SECONDS`` and after the last step."""
+        if not (self.progress and self.main and not self.show_bar):
+            return
+        now = time.perf_counter()
+        if self.last_print is None:
+            self.last_print = (step, now)
+            self.write(f"step {step}/{self.config.steps}: loss {loss:.5f} (this step took {seconds:.1f} s "
+                       f"with the compilation; a line every {_PRINT_SECONDS:.0f} s from now on)")
+            return
+        if now - self.last_print[1] < _PRINT_SECONDS and step != self.config.steps:
+            return
+        rate = (step - self.last_print[0]) / (now - self.last_print[1])
+        self.last_print = (step, now)
+        lr = float(self.run.optimizer.schedule(step - 1))
+        self.write(f"step {step}/{self.config.steps}: loss {loss:.5f} (avg {self.ema:.5f}), lr {lr:g}, "
+                   f"{rate:.2f} steps/s")
+
     def _log(self, step: int, loss: float, metrics: Mapping[str, Any]) -> None:
         rate, now = self.speed.window_rate(step)
         lr = float(self.run.optimizer.schedule(step - 1))
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(metrics["grad_norm"]),
                   "steps_per_sec": rate, "time": time.time()}
         self.log.write(record)
-        last = step == self.config.steps
-        if self.progress and self.main and not self.show_bar and (now - self.last_print >= _PRINT_SECONDS or last):
-            self.last_print = now
-            speed = f", {rate:.2f} steps/s" if rate else ""
-            self.write(f"step {step}/{self.config.steps}: loss {loss:.5f} (avg {self.ema:.5f}), lr {lr:g}{speed}")
         if self.tb is not None:
             self.tb.add_scalar("train/loss", loss, step)
             self.tb.add_scalar("train/lr", lr, step)
@@ -549,6 +565,8 @@ def train(config: TrainConfig, *, batches: BatchSource | None = None, progress: 
     config = config.validate()
     say = echo if echo is not None else print
     main = jax.process_index() == 0
+    if main:
+        say(f"{config.model}: building the network, opening the data and {config.resolved_workdir()} ...")
     run = _setup(config, batches, num_devices)
     result = TrainResult(workdir=run.workdir, start_step=run.start, step=run.start,
                          checkpoint=run.store.path(run.start) if run.start else None)
