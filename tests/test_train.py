@@ -539,6 +539,16 @@ def _main(argv, capsys) -> tuple[int, str]:
     return code, err
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc, where nobody can create files")
+def test_a_workdir_that_cannot_be_written_is_refused_before_the_network_is_built(tmp_path, capsys, monkeypatch):
+    def no_building(config):
+        raise AssertionError("the network was built before the workdir was checked")
+
+    monkeypatch.setattr(loop_module, "_create_model", no_building)
+    code, err = _main(_tiny_flags(Path("/proc/converse_run"), 2), capsys)
+    _assert_one_line_error(code, err, "--workdir /proc/converse_run", "cannot write")
+
+
 def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.strip()]

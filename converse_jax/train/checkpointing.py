@@ -69,6 +69,7 @@ def prepare_workdir(config: TrainConfig, *, write: bool = True) -> tuple[Path, l
     workdir = config.resolved_workdir()
     if workdir.exists() and not workdir.is_dir():
         raise ValueError(f"--workdir {workdir} exists and is not a directory")
+    _check_writable(workdir)
     saved = load_saved_config(workdir) if workdir.is_dir() else None
     changed: list[str] = []
     if saved is None and (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
@@ -80,6 +81,21 @@ def prepare_workdir(config: TrainConfig, *, write: bool = True) -> tuple[Path, l
         workdir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(workdir / CONFIG_FILE, config.to_json())
     return workdir, changed
+
+
+def _check_writable(workdir: Path) -> None:
+    """ValueError unless ``workdir`` (or its nearest existing parent, where it would be created) takes a
+    new file: a probe file is made and removed (permission bits miss read-only mounts and say yes to root)."""
+    folder = workdir
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        probe.open("x").close()
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"--workdir {workdir}: cannot write in {folder} ({exc.strerror or exc}); choose another "
+                         f"--workdir") from None
 
 
 _ITEMS = ("params", "opt_state")

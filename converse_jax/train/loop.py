@@ -311,9 +311,9 @@ def _setup(config: TrainConfig, batches: BatchSource | None, num_devices: int | 
     Everything that can be wrong with the settings or the data fails before anything is written."""
     mesh = make_data_mesh(num_devices)
     local_batch = check_batch_size(config.batch_size, mesh)
+    workdir, changed = prepare_workdir(config, write=False)  # a workdir that cannot be used fails first
     model = _create_model(config)
     optimizer = make_optimizer(config)
-    workdir, changed = prepare_workdir(config, write=False)
     store: CheckpointStore | None = None
     loader: Any = None
     try:
