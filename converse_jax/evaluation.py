@@ -163,21 +163,10 @@ def get_model_spec(name: str) -> Any:
 
 
 def load_model(name: str, weights: str | Path | None = None) -> tuple[Any, Any]:
-    """(model with weights, spec) for ``name``.
-
-    ``weights``: a checkpoint path; without it the released file in the shared assets
-    (``weights/<release file>``) if present, else :func:`converse_jax.load_pretrained`'s cache
-    (which downloads the release on first use).
-    """
-    spec = get_model_spec(name)
-    path: Path | None = None
-    if weights is not None:
-        path = Path(weights).expanduser()
-        if not path.exists():
-            raise ValueError(f"weights file {path} not found: check --weights")
-    elif spec.release is not None and asset("weights", spec.release.filename).is_file():
-        path = asset("weights", spec.release.filename)
-    return load_pretrained(name, path, progress=False), spec
+    """(model with weights, spec) for ``name``: the weights found by
+    :func:`converse_jax.weights.pretrained.find_weights` (``weights`` if given, else the
+    assets folder, the cache, a download), as :func:`converse_jax.load_pretrained` loads them."""
+    return load_pretrained(name, weights, progress=False), get_model_spec(name)
 
 
 # ----------------------------------------------------------------------------------------

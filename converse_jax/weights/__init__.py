@@ -33,6 +33,9 @@ _EXPORTS = {
     "fetch_release": "pretrained",
     "load_weights": "pretrained",
     "load_pretrained": "pretrained",
+    "find_weights": "pretrained",
+    "WeightsFile": "pretrained",
+    "saved_model_kwargs": "pretrained",
     "convert_checkpoint": "pretrained",
 }
 
