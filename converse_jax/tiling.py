@@ -11,13 +11,15 @@ output is weighted and added into one preallocated output of ``scale`` times the
 Why tiles differ from the whole image at all: the networks pad circularly (and Converse2D
 solves its deconvolution with FFTs, which treat an image as periodic), so the whole image
 wraps around its own border; a tile wraps around a border that is not there in the photo,
-and its outer pixels are wrong by an amount that decays with the distance from the tile edge.
-Overlapping tiles hide this: ``blend="crop"`` (the default) keeps from each tile only the part
-nearer to its centre than to any neighbour's (centre crops); ``blend="window"`` weights each tile
-by a ramp that falls to near zero at its edges over ``overlap`` pixels. Centre crops agreed
-better with the whole image for the deblurring networks, whose FFT solvers ring from a tile's
-edge far into it, and as well for the others (docs/restore.md has the measurements). The weights are separable and
-normalised per row and column, so they sum to one at every output pixel.
+and its outer pixels are wrong by an amount that decays with the distance from the tile edge,
+slowly for the deblurring networks. Each tile therefore carries a *context* of
+``task.tile_context`` pixels per side whose output is dropped (only the tile's core is kept),
+and the image is padded circularly by the context first, so that a tile at the image border
+sees the opposite border exactly as the whole-image network does. Cores are joined by
+``blend="crop"`` (the default: each output pixel from the tile whose centre is nearest) or
+``blend="window"`` (a ramp over the cores' overlap). The weights are separable and normalised
+per row and column, so they sum to one at every output pixel. docs/restore.md has the
+measurements behind each task's context.
 
 Layering: at the evaluation layer; imports tasks, degradations and JAX only.
 """
