@@ -29,7 +29,7 @@ import numpy as np
 
 from converse_jax import degradations as D
 from converse_jax import evaluation as E
-from converse_jax.tiling import TiledRestorer
+from converse_jax.tiling import BORDERS, TiledRestorer
 
 MODELS = ("dncnn", "srresnet", "conversenet", "usrnet")
 INPUTS = ("protocol", "photo")
@@ -52,16 +52,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overlaps", type=lambda t: _ints(t, "--overlaps"), default=[32], help="tile overlaps")
     p.add_argument("--contexts", type=lambda t: _ints(t, "--contexts"), default=None,
                    help="tile contexts per side (default: each task's tile_context)")
+    p.add_argument("--borders", default=None,
+                   help="comma-separated image-border modes, of wrap, clamp (default: each task's tile_border)")
     p.add_argument("--blend", choices=("crop", "window"), default="crop")
     p.add_argument("--inputs", default="protocol,photo", help=f"comma-separated, of {', '.join(INPUTS)}")
     p.add_argument("--photo-size", type=int, default=512, help="side of the generated photos (input px)")
     p.add_argument("--kernels", type=lambda t: _ints(t, "--kernels"), default=[1],
                    help="paper kernels for the deblurring networks (1..5)")
     p.add_argument("--images", type=int, default=0, help="use the first N test images only (0: all)")
+    p.add_argument("--names", default="", help="comma-separated test image file names to use (default: all)")
     p.add_argument("--json", type=Path, help="write the rows here (refused if the file exists)")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.inputs = [i.strip() for i in args.inputs.split(",") if i.strip()]
+    args.names = [n.strip() for n in args.names.split(",") if n.strip()]
+    args.borders = [b.strip() for b in args.borders.split(",")] if args.borders else None
+    if args.borders and any(b not in BORDERS for b in args.borders):
+        p.error(f"--borders: choose from {', '.join(BORDERS)}, got {args.borders}")
     for m in args.models:
         if m not in MODELS:
             p.error(f"--models: unknown model {m!r}; choose from {', '.join(MODELS)}")
@@ -120,12 +127,15 @@ def measure_model(name: str, args: argparse.Namespace, log: Any) -> list[dict[st
     """All rows of one model: whole image once per case, then every tile setting."""
     model, spec = E.load_model(name)
     images = E.load_test_images(E.dataset_dir(spec.protocol.dataset), spec.protocol.color)
+    images = [im for im in images if not args.names or im[0] in args.names]
     images = images[:args.images] if args.images else images
     whole_r = E.Restorer(model, spec.task)
     contexts = args.contexts if args.contexts is not None else [spec.task.tile_context]
-    settings = [(t, o, c) for t in args.tiles for o in args.overlaps for c in contexts if 2 * o < t]
+    borders = args.borders or [spec.task.tile_border]
+    settings = [(t, o, c, b) for t in args.tiles for o in args.overlaps for c in contexts for b in borders
+                if 2 * o < t]
     restorers = {s: TiledRestorer(model, spec.task, scale=int(spec.scale), tile=s[0], overlap=s[1], context=s[2],
-                                  blend=args.blend) for s in settings}
+                                  border=s[3], blend=args.blend) for s in settings}
     rows = []
     for kind, img, kid, gt, lq in cases(spec, images, args):
         kernel = D.paper_kernel(kid) if spec.task.takes_kernel else None
@@ -134,17 +144,17 @@ def measure_model(name: str, args: argparse.Namespace, log: Any) -> list[dict[st
         base = _score(spec, whole, gt)
         log(f"{name} {kind} {img} k{kid} {lq.shape[0]}x{lq.shape[1]}: whole {base:.3f} dB "
             f"({time.perf_counter() - t0:.1f} s)")
-        for (tile, overlap, context), r in restorers.items():
+        for (tile, overlap, context, border), r in restorers.items():
             if tile >= max(lq.shape[:2]):
                 continue  # one tile: the whole image
             t0 = time.perf_counter()
             tiled = r(lq, kernel)
             row = dict(model=name, input=kind, image=img, kernel=kid, height=int(lq.shape[0]),
-                       width=int(lq.shape[1]), tile=tile, overlap=overlap, context=context, blend=args.blend,
-                       whole_psnr=base, dpsnr=_score(spec, tiled, gt) - base,
+                       width=int(lq.shape[1]), tile=tile, overlap=overlap, context=context, border=border,
+                       blend=args.blend,                       whole_psnr=base, dpsnr=_score(spec, tiled, gt) - base,
                        agreement=agreement(tiled, whole))
             rows.append(row)
-            log(f"  tile {tile} overlap {overlap} context {context}: dPSNR {row['dpsnr']:+.3f} dB, "
+            log(f"  tile {tile} overlap {overlap} context {context} {border}: dPSNR {row['dpsnr']:+.3f} dB, "
                 f"agreement {row['agreement']:.1f} dB ({time.perf_counter() - t0:.1f} s)")
     return rows
 
@@ -153,15 +163,16 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
     """Markdown table: model, input, sizes, tile / overlap / context -> dPSNR mean (worst), agreement."""
     keys: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        keys.setdefault((r["model"], r["input"], r["tile"], r["overlap"], r["context"]), []).append(r)
-    out = ["| network | input | sizes | tile / overlap / context | dPSNR mean (worst) | agreement mean (worst) | n |",
+        keys.setdefault((r["model"], r["input"], r["tile"], r["overlap"], r["context"], r["border"]), []).append(r)
+    out = ["| network | input | sizes | tile / overlap / context, border | dPSNR mean (worst) | agreement mean (worst) "
+           "| n |",
            "|---|---|---|---|---|---|---|"]
-    for (model, kind, tile, overlap, context), rs in keys.items():
+    for (model, kind, tile, overlap, context, border), rs in keys.items():
         d = [r["dpsnr"] for r in rs]
         a = [r["agreement"] for r in rs]
         sizes = sorted({f"{r['height']}x{r['width']}" for r in rs})
         size_text = sizes[0] if len(sizes) == 1 else f"{len(sizes)} sizes"
-        out.append(f"| {model} | {kind} | {size_text} | {tile} / {overlap} / {context} | "
+        out.append(f"| {model} | {kind} | {size_text} | {tile} / {overlap} / {context}, {border} | "
                    f"{np.mean(d):+.3f} ({min(d):+.3f}) dB | "
                    f"{np.mean(a):.1f} ({min(a):.1f}) dB | {len(rs)} |")
     return out

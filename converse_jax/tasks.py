@@ -102,6 +102,9 @@ class Task:
     # every pixel kept; how far it must be depends on how far the network's solver reaches
     # (docs/restore.md has the measurements behind each task's value).
     tile_context: int = 16
+    # What a tile at the image border sees beyond it (converse_jax.tiling.BORDERS): "clamp", the
+    # network's own padding as for the whole image; "wrap", the opposite border (circular FFT solves).
+    tile_border: str = "clamp"
 
     def size_multiple(self, scale: int) -> int:
         """Training patches and validation crops must be multiples of this (``scale`` for SR)."""
@@ -218,6 +221,7 @@ class BlindDeblurring(Task):
     name, label = "deblur", "blind deblurring"
     uses_kernels = True
     tile_context = 64  # Converse2D's FFT deconvolution reaches far (docs/restore.md)
+    tile_border = "wrap"
 
     def train_sample(self, target: np.ndarray, rng: np.random.Generator,
                      settings: Degradation) -> dict[str, np.ndarray]:

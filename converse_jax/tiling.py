@@ -39,6 +39,7 @@ from converse_jax.tasks import Task, jit_forward
 
 __all__ = [
     "BLENDS",
+    "BORDERS",
     "MemoryModel",
     "TilePlan",
     "TiledRestorer",
@@ -53,6 +54,7 @@ __all__ = [
 ]
 
 BLENDS = ("window", "crop")
+BORDERS = ("wrap", "clamp")  # what a tile at the image border sees beyond it (TiledRestorer)
 MIN_TILE = 16  # smaller tiles are mostly border
 
 
@@ -206,19 +208,25 @@ class TiledRestorer:
 
     ``context`` (default: the task's ``tile_context``): input pixels on each side of a tile that
     the network sees but whose output is dropped, so that the tile's own wrap-around stays that
-    far from every pixel kept. The image is padded circularly by the context first, so that a tile
-    at the image border sees what the whole-image network sees there (the opposite border).
+    far from every pixel kept. ``border`` (default: the task's ``tile_border``) says what a tile
+    at the image border sees beyond it: ``"wrap"``, the image is padded circularly by the context
+    first, so such a tile sees the opposite border as a whole-image FFT solve does; ``"clamp"``,
+    tiles end on the image border (the network pads it as it pads the whole image) and the
+    context only widens the overlap to ``max(overlap, 2 * context)``.
     """
 
     def __init__(self, model: Any, task: Task, *, scale: int = 1, tile: int = 256, overlap: int = 16,
-                 context: int | None = None, batch: int = 1, blend: str = "crop",
+                 context: int | None = None, border: str | None = None, batch: int = 1, blend: str = "crop",
                  on_tile: Callable[[int, int], None] | None = None) -> None:
         if blend not in BLENDS:
             raise ValueError(f"blend must be one of {', '.join(BLENDS)}, got {blend!r}")
         context = int(task.tile_context if context is None else context)
+        border = task.tile_border if border is None else border
+        if border not in BORDERS:
+            raise ValueError(f"border must be one of {', '.join(BORDERS)}, got {border!r}")
         plan_tiles(tile, tile, tile, overlap, context)  # validates tile, overlap and context
         self.model, self.task, self.scale = model, task, int(scale)
-        self.tile, self.overlap, self.context = int(tile), int(overlap), context
+        self.tile, self.overlap, self.context, self.border = int(tile), int(overlap), context, border
         self.blend, self.on_tile = blend, on_tile
         devices = jax.local_devices()
         self.batch = max(1, math.ceil(max(1, int(batch)) / len(devices)) * len(devices))
@@ -253,7 +261,11 @@ class TiledRestorer:
         if not self.task.takes_kernel and kernel is not None:
             raise ValueError(f"this {self.task.label} model does not take a blur kernel")
         h, w, _ = x.shape
-        p = plan_tiles(h, w, self.tile, self.overlap, self.context)
+        if self.border == "wrap":
+            p = plan_tiles(h, w, self.tile, self.overlap, self.context)
+        else:  # tiles end on the image border: the context is a larger overlap of whole tiles
+            shared = min(max(self.overlap, 2 * axis_context(10**9, self.tile, self.context)), (self.tile - 1) // 2)
+            p = plan_tiles(h, w, self.tile, shared, 0)
         s = self.scale * int(sf)
         wy = blend_weights(list(p.rows), p.core_h, h, p.overlap_y, s, self.blend)
         wx = blend_weights(list(p.cols), p.core_w, w, p.overlap_x, s, self.blend)
@@ -347,4 +359,5 @@ def fit_memory_model(model: Any, task: Task, channels: int, kernel_size: int | N
     ba = compiled_bytes(model, task, (1, a, a, channels), kernel_size, sf)
     bb = compiled_bytes(model, task, (1, b, b, channels), kernel_size, sf)
     per_pixel = max(0.0, (bb - ba) / float(b * b - a * a))
-    return MemoryModel(max(0.0, ba - per_pixel * a * a), per_pixel, int(task.tile_context))
+    context = int(task.tile_context) if task.tile_border == "wrap" else 0
+    return MemoryModel(max(0.0, ba - per_pixel * a * a), per_pixel, context)

@@ -153,6 +153,17 @@ def test_default_context_reproduces_the_whole_image_for_a_long_range_solver():
            for c in (0, 16, None)}
     assert err[None] < 1e-4 < 1e-2 < err[16] < err[0]
     assert DEBLUR.tile_context == T.TiledRestorer(model, DEBLUR, tile=256).context
+    clamp = np.abs(T.TiledRestorer(model, DEBLUR, tile=256, overlap=32, border="clamp")(x) - whole)
+    assert clamp[64:-64, 64:-64].max() < 1e-2 < clamp.max()  # inside fine, the image border is not: no wrap
+
+
+@pytest.mark.parametrize("border", T.BORDERS)
+def test_both_borders_are_exact_for_a_pointwise_network(border):
+    x = np.random.default_rng(5).random((70, 45, 1), dtype=np.float32)
+    r = T.TiledRestorer(Gain(), DEBLUR, tile=32, overlap=4, context=8, border=border)
+    np.testing.assert_allclose(r(x), x * 0.5, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="border must be one of"):
+        T.TiledRestorer(Gain(), DEBLUR, tile=32, border="reflect")
 
 
 def test_context_plan_keeps_a_quarter_tile_at_most_and_none_for_an_axis_in_one_tile():
@@ -164,7 +175,8 @@ def test_context_plan_keeps_a_quarter_tile_at_most_and_none_for_an_axis_in_one_t
     assert T.plan_tiles(400, 400, 256, 48, 8).overlap_y == 32  # overlap beyond twice the context
     with pytest.raises(ValueError, match="context"):
         T.plan_tiles(400, 400, 256, 32, -1)
-    assert all(t.tile_context >= 0 for t in TASKS) and DEBLUR_NONBLIND.tile_context >= DENOISE.tile_context
+    assert all(t.tile_context >= 0 and t.tile_border in T.BORDERS for t in TASKS)
+    assert DEBLUR_NONBLIND.tile_context >= DENOISE.tile_context
 
 
 def test_memory_estimate_counts_the_padded_input():
@@ -195,7 +207,8 @@ def test_memory_model_from_compiled_analysis_grows_with_pixels():
     big = T.compiled_bytes(model, DENOISE, (1, 128, 128, 1))
     assert big > small > 0
     mem = T.fit_memory_model(model, DENOISE, 1)
-    assert mem.per_pixel > 0 and mem.context == DENOISE.tile_context
+    assert mem.per_pixel > 0 and mem.context == 0  # denoising tiles end on the image border: no padding
+    assert T.fit_memory_model(model, DEBLUR, 1).context == DEBLUR.tile_context  # wrap: padded by the context
     assert mem.peak_bytes(1000, 1000, 1, 1, tile=0) > mem.peak_bytes(1000, 1000, 1, 1, tile=128)
     spec = type("S", (), {"scale": 1, "in_channels": 1})
     whole = mem.peak_bytes(1000, 1000, 1, 1)
