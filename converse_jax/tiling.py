@@ -13,9 +13,11 @@ solves its deconvolution with FFTs, which treat an image as periodic), so the wh
 wraps around its own border; a tile wraps around a border that is not there in the photo,
 and its outer pixels are wrong by an amount that decays with the distance from the tile edge,
 slowly for the deblurring networks. Each tile therefore carries a *context* of
-``task.tile_context`` pixels per side whose output is dropped (only the tile's core is kept),
-and the image is padded circularly by the context first, so that a tile at the image border
-sees the opposite border exactly as the whole-image network does. Cores are joined by
+``task.tile_context`` pixels per side whose output is dropped (only the tile's core is kept).
+At the image border (``task.tile_border``): ``"wrap"`` pads the image circularly by the context
+first, so that a border tile sees the opposite border as a whole-image FFT solve does (the
+deblurring networks); ``"clamp"`` ends tiles on the image border, where the network pads as it
+pads the whole image (networks whose border padding is local). Cores are joined by
 ``blend="crop"`` (the default: each output pixel from the tile whose centre is nearest) or
 ``blend="window"`` (a ramp over the cores' overlap). The weights are separable and normalised
 per row and column, so they sum to one at every output pixel. docs/restore.md has the
