@@ -97,6 +97,14 @@ class Task:
     takes_kernel: bool = False  # the network is called as model(x, kernel, sf=sf)
     uses_kernels: bool = False  # the protocol runs once per blur kernel of protocol.kernels (--kernel)
     uses_sigma: bool = False  # the protocol's noise level is protocol.sigma (--sigma)
+    # Tiled restoration (converse_jax.tiling): input pixels per side of a tile that the network
+    # sees but whose output is dropped, so that the tile's own (circular) border is that far from
+    # every pixel kept; how far it must be depends on how far the network's solver reaches
+    # (docs/restore.md has the measurements behind each task's value).
+    tile_context: int = 16
+    # What a tile at the image border sees beyond it (converse_jax.tiling.BORDERS): "clamp", the
+    # network's own padding as for the whole image; "wrap", the opposite border (circular FFT solves).
+    tile_border: str = "clamp"
 
     def size_multiple(self, scale: int) -> int:
         """Training patches and validation crops must be multiples of this (``scale`` for SR)."""
@@ -178,6 +186,7 @@ class SuperResolution(Task):
     """x``s`` super-resolution of a MATLAB-bicubic downscale (kept in float, not clipped)."""
 
     name, label = "sr", "super-resolution"
+    tile_context = 8  # input pixels: x4 the output pixels
 
     def size_multiple(self, scale: int) -> int:
         return int(scale)
@@ -211,6 +220,8 @@ class BlindDeblurring(Task):
 
     name, label = "deblur", "blind deblurring"
     uses_kernels = True
+    tile_context = 64  # Converse2D's FFT deconvolution reaches far (docs/restore.md)
+    tile_border = "wrap"
 
     def train_sample(self, target: np.ndarray, rng: np.random.Generator,
                      settings: Degradation) -> dict[str, np.ndarray]:
@@ -237,6 +248,7 @@ class NonBlindDeblurring(BlindDeblurring):
 
     name, label = "deblur_nonblind", "non-blind deblurring"
     takes_kernel = True
+    tile_context = 96  # five kernel-driven FFT solves reach further still (docs/restore.md)
 
     def forward(self, model: Callable[..., Any], batch: Batch, sf: int = 1) -> Any:
         return model(batch["input"], batch["kernel"], sf=sf)

@@ -11,13 +11,17 @@ output is weighted and added into one preallocated output of ``scale`` times the
 Why tiles differ from the whole image at all: the networks pad circularly (and Converse2D
 solves its deconvolution with FFTs, which treat an image as periodic), so the whole image
 wraps around its own border; a tile wraps around a border that is not there in the photo,
-and its outer pixels are wrong by an amount that decays with the distance from the tile edge.
-Overlapping tiles hide this: ``blend="crop"`` (the default) keeps from each tile only the part
-nearer to its centre than to any neighbour's (centre crops); ``blend="window"`` weights each tile
-by a ramp that falls to near zero at its edges over ``overlap`` pixels. Centre crops agreed
-better with the whole image for the deblurring networks, whose FFT solvers ring from a tile's
-edge far into it, and as well for the others (docs/restore.md has the measurements). The weights are separable and
-normalised per row and column, so they sum to one at every output pixel.
+and its outer pixels are wrong by an amount that decays with the distance from the tile edge,
+slowly for the deblurring networks. Each tile therefore carries a *context* of
+``task.tile_context`` pixels per side whose output is dropped (only the tile's core is kept).
+At the image border (``task.tile_border``): ``"wrap"`` pads the image circularly by the context
+first, so that a border tile sees the opposite border as a whole-image FFT solve does (the
+deblurring networks); ``"clamp"`` ends tiles on the image border, where the network pads as it
+pads the whole image (networks whose border padding is local). Cores are joined by
+``blend="crop"`` (the default: each output pixel from the tile whose centre is nearest) or
+``blend="window"`` (a ramp over the cores' overlap). The weights are separable and normalised
+per row and column, so they sum to one at every output pixel. docs/restore.md has the
+measurements behind each task's context.
 
 Layering: at the evaluation layer; imports tasks, degradations and JAX only.
 """
@@ -37,6 +41,7 @@ from converse_jax.tasks import Task, jit_forward
 
 __all__ = [
     "BLENDS",
+    "BORDERS",
     "MemoryModel",
     "TilePlan",
     "TiledRestorer",
@@ -45,11 +50,13 @@ __all__ = [
     "compiled_bytes",
     "fit_memory_model",
     "is_out_of_memory",
+    "axis_context",
     "plan_tiles",
     "tile_starts",
 ]
 
 BLENDS = ("window", "crop")
+BORDERS = ("wrap", "clamp")  # what a tile at the image border sees beyond it (TiledRestorer)
 MIN_TILE = 16  # smaller tiles are mostly border
 
 
@@ -102,7 +109,14 @@ def blend_weights(starts: list[int], tile: int, length: int, overlap: int, scale
 
 @dataclasses.dataclass(frozen=True)
 class TilePlan:
-    """Where the tiles of one image go: start rows/columns (input pixels), the tile's shape."""
+    """Where the tiles of one image go.
+
+    ``rows``/``cols``: start rows/columns of the tiles' cores (input pixels of the image);
+    ``tile_h``/``tile_w``: the network's input shape; ``context_y``/``context_x``: pixels on each
+    side of a core that the network sees but whose output is dropped (taken from the image
+    padded circularly, see :class:`TiledRestorer`); a core is the tile less twice its context.
+    ``overlap_y``/``overlap_x``: pixels neighbouring cores share.
+    """
 
     height: int
     width: int
@@ -110,24 +124,58 @@ class TilePlan:
     tile_w: int
     rows: tuple[int, ...]
     cols: tuple[int, ...]
+    context_y: int = 0
+    context_x: int = 0
+    overlap_y: int = 0
+    overlap_x: int = 0
 
     @property
     def count(self) -> int:
         return len(self.rows) * len(self.cols)
 
+    @property
+    def core_h(self) -> int:
+        return self.tile_h - 2 * self.context_y
+
+    @property
+    def core_w(self) -> int:
+        return self.tile_w - 2 * self.context_x
+
     def offsets(self) -> list[tuple[int, int, int, int]]:
-        """(row index, column index, y0, x0) of every tile, row by row."""
+        """(row index, column index, y0, x0) of every tile's core, row by row."""
         return [(i, j, y, x) for i, y in enumerate(self.rows) for j, x in enumerate(self.cols)]
 
 
-def plan_tiles(height: int, width: int, tile: int, overlap: int) -> TilePlan:
-    """The tiles of a ``height`` x ``width`` input for tiles of ``tile`` pixels sharing ``overlap``."""
+def axis_context(length: int, tile: int, context: int) -> int:
+    """Context pixels per side along an axis of ``length`` for tiles of ``tile`` pixels.
+
+    0 when one tile spans the axis (the network then wraps around the image's own border, as the
+    whole image does); else ``context``, at most a quarter of the tile so that a core keeps at
+    least half of it (smaller tiles get less context and agree less with the whole image).
+    """
+    if tile >= length:
+        return 0
+    return max(0, min(int(context), tile // 4))
+
+
+def plan_tiles(height: int, width: int, tile: int, overlap: int, context: int = 0) -> TilePlan:
+    """The tiles of a ``height`` x ``width`` input for tiles of ``tile`` pixels sharing ``overlap``,
+    each with ``context`` pixels per side (:func:`axis_context`) dropped from its output.
+
+    Neighbouring tiles share ``max(overlap, 2 * context)`` pixels: their cores share what the
+    context leaves of ``overlap``, ``max(0, overlap - 2 * context)``.
+    """
     if tile < MIN_TILE:
         raise ValueError(f"--tile must be 0 (whole image) or at least {MIN_TILE} pixels, got {tile}")
     if overlap < 0 or 2 * overlap >= tile:
         raise ValueError(f"--tile-overlap must be >= 0 and less than half the tile ({tile}), got {overlap}")
-    return TilePlan(height, width, min(tile, height), min(tile, width),
-                    tuple(tile_starts(height, tile, overlap)), tuple(tile_starts(width, tile, overlap)))
+    if context < 0:
+        raise ValueError(f"tile context must be >= 0 pixels, got {context}")
+    cy, cx = axis_context(height, tile, context), axis_context(width, tile, context)
+    oy, ox = max(0, overlap - 2 * cy), max(0, overlap - 2 * cx)
+    th, tw = min(tile, height), min(tile, width)
+    return TilePlan(height, width, th, tw, tuple(tile_starts(height, th - 2 * cy, oy)),
+                    tuple(tile_starts(width, tw - 2 * cx, ox)), cy, cx, oy, ox)
 
 
 def _dihedral_batch(x: np.ndarray, mode: int) -> np.ndarray:
@@ -159,16 +207,29 @@ class TiledRestorer:
     ``tile``/``overlap`` in input pixels; ``batch`` tiles per call (rounded up to a multiple of
     the local device count, over which each batch is sharded; a short last batch repeats its
     last tile so the shape never changes). ``on_tile(done, total)`` is called after each batch.
+
+    ``context`` (default: the task's ``tile_context``): input pixels on each side of a tile that
+    the network sees but whose output is dropped, so that the tile's own wrap-around stays that
+    far from every pixel kept. ``border`` (default: the task's ``tile_border``) says what a tile
+    at the image border sees beyond it: ``"wrap"``, the image is padded circularly by the context
+    first, so such a tile sees the opposite border as a whole-image FFT solve does; ``"clamp"``,
+    tiles end on the image border (the network pads it as it pads the whole image) and the
+    context only widens the overlap to ``max(overlap, 2 * context)``.
     """
 
     def __init__(self, model: Any, task: Task, *, scale: int = 1, tile: int = 256, overlap: int = 16,
-                 batch: int = 1, blend: str = "crop",
+                 context: int | None = None, border: str | None = None, batch: int = 1, blend: str = "crop",
                  on_tile: Callable[[int, int], None] | None = None) -> None:
         if blend not in BLENDS:
             raise ValueError(f"blend must be one of {', '.join(BLENDS)}, got {blend!r}")
-        plan_tiles(tile, tile, tile, overlap)  # validates tile and overlap
+        context = int(task.tile_context if context is None else context)
+        border = task.tile_border if border is None else border
+        if border not in BORDERS:
+            raise ValueError(f"border must be one of {', '.join(BORDERS)}, got {border!r}")
+        plan_tiles(tile, tile, tile, overlap, context)  # validates tile, overlap and context
         self.model, self.task, self.scale = model, task, int(scale)
-        self.tile, self.overlap, self.blend, self.on_tile = int(tile), int(overlap), blend, on_tile
+        self.tile, self.overlap, self.context, self.border = int(tile), int(overlap), context, border
+        self.blend, self.on_tile = blend, on_tile
         devices = jax.local_devices()
         self.batch = max(1, math.ceil(max(1, int(batch)) / len(devices)) * len(devices))
         self._sharding = None
@@ -202,28 +263,36 @@ class TiledRestorer:
         if not self.task.takes_kernel and kernel is not None:
             raise ValueError(f"this {self.task.label} model does not take a blur kernel")
         h, w, _ = x.shape
-        p = plan_tiles(h, w, self.tile, self.overlap)
+        if self.border == "wrap":
+            p = plan_tiles(h, w, self.tile, self.overlap, self.context)
+        else:  # tiles end on the image border: the context is a larger overlap of whole tiles
+            shared = min(max(self.overlap, 2 * axis_context(10**9, self.tile, self.context)), (self.tile - 1) // 2)
+            p = plan_tiles(h, w, self.tile, shared, 0)
         s = self.scale * int(sf)
-        wy = blend_weights(list(p.rows), self.tile, h, self.overlap, s, self.blend)
-        wx = blend_weights(list(p.cols), self.tile, w, self.overlap, s, self.blend)
+        wy = blend_weights(list(p.rows), p.core_h, h, p.overlap_y, s, self.blend)
+        wx = blend_weights(list(p.cols), p.core_w, w, p.overlap_x, s, self.blend)
+        if p.context_y or p.context_x:  # np.pad's "wrap" repeats the image when the context exceeds it
+            x = np.pad(x, ((p.context_y, p.context_y), (p.context_x, p.context_x), (0, 0)), mode="wrap")
         return self._assemble(x, p, wy, wx, s, kernel, sf, x8)
 
     def _assemble(self, x: np.ndarray, p: TilePlan, wy: np.ndarray, wx: np.ndarray, s: int,
                   kernel: np.ndarray | None, sf: int, x8: bool) -> np.ndarray:
-        """Run the tiles of plan ``p`` in batches and add their weighted outputs into one array."""
+        """Run the tiles of plan ``p`` over ``x`` (the image padded by the plan's context) in
+        batches and add their weighted cores into one output array."""
         offsets = p.offsets()
         out: np.ndarray | None = None
-        th, tw = p.tile_h * s, p.tile_w * s
+        ch, cw = p.core_h * s, p.core_w * s
+        cy, cx = p.context_y * s, p.context_x * s
         for b0 in range(0, len(offsets), self.batch):
             chunk = offsets[b0:b0 + self.batch]
             idx = chunk + [chunk[-1]] * (self.batch - len(chunk))  # one batch shape throughout
             tiles = np.stack([x[y:y + p.tile_h, c:c + p.tile_w] for _, _, y, c in idx])
-            res = self._run_batch(tiles, kernel, sf, x8)
+            res = self._run_batch(tiles, kernel, sf, x8)[:, cy:cy + ch, cx:cx + cw]
             if out is None:
                 out = np.zeros((p.height * s, p.width * s, res.shape[-1]), np.float32)
             for k, (i, j, y, c) in enumerate(chunk):
                 weight = wy[i][:, None, None] * wx[j][None, :, None]
-                out[y * s:y * s + th, c * s:c * s + tw] += res[k] * weight
+                out[y * s:y * s + ch, c * s:c * s + cw] += res[k] * weight
             if self.on_tile is not None:
                 self.on_tile(min(b0 + self.batch, len(offsets)), len(offsets))
         assert out is not None
@@ -233,7 +302,8 @@ class TiledRestorer:
 def choose_tile(estimate: Callable[[int], float], height: int, width: int, budget: float,
                 candidates: tuple[int, ...] = (1024, 768, 512, 384, 256, 192, 128, 96, 64, 48, 32)) -> int:
     """0 (the whole image) when ``estimate(0)`` bytes fit ``budget``, else the largest candidate
-    tile whose ``estimate(tile)`` fits (the smallest candidate if none does)."""
+    tile whose ``estimate(tile)`` fits (the smallest candidate if none does). Memory comes
+    first: a tile below four times the task's context gets less context (:func:`axis_context`)."""
     if estimate(0) <= budget:
         return 0
     for t in candidates:
@@ -253,6 +323,8 @@ class MemoryModel:
 
     fixed: float
     per_pixel: float
+    context: int = 0  # the task's tile context: a tiled image is padded by it on the host
+
 
     def call_bytes(self, pixels: int) -> float:
         return self.fixed + self.per_pixel * pixels
@@ -263,6 +335,9 @@ class MemoryModel:
         one network call plus the host's float32 input and ``host_copies`` output-sized arrays."""
         pixels = height * width if tile <= 0 else batch * min(tile, height) * min(tile, width)
         host = 4 * channels * height * width * (1 + host_copies * scale * scale)
+        if tile > 0:  # the input padded by the context (axis_context) on each side
+            cy, cx = axis_context(height, tile, self.context), axis_context(width, tile, self.context)
+            host += 4 * channels * ((height + 2 * cy) * (width + 2 * cx) - height * width)
         return self.call_bytes(pixels) + host
 
 
@@ -286,4 +361,5 @@ def fit_memory_model(model: Any, task: Task, channels: int, kernel_size: int | N
     ba = compiled_bytes(model, task, (1, a, a, channels), kernel_size, sf)
     bb = compiled_bytes(model, task, (1, b, b, channels), kernel_size, sf)
     per_pixel = max(0.0, (bb - ba) / float(b * b - a * a))
-    return MemoryModel(max(0.0, ba - per_pixel * a * a), per_pixel)
+    context = int(task.tile_context) if task.tile_border == "wrap" else 0
+    return MemoryModel(max(0.0, ba - per_pixel * a * a), per_pixel, context)

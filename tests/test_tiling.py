@@ -11,7 +11,7 @@ from converse_jax import degradations as D
 from converse_jax import evaluation as E
 from converse_jax import metrics as M
 from converse_jax import tiling as T
-from converse_jax.tasks import DEBLUR_NONBLIND, DENOISE, SR
+from converse_jax.tasks import DEBLUR, DEBLUR_NONBLIND, DENOISE, SR, TASKS
 from experiments._cli import Progress, oom_hint
 
 TRACES = {"n": 0}
@@ -49,6 +49,22 @@ class KernelGain(nnx.Module):
     def __call__(self, x, kernel, sf=1):
         y = x * kernel[:, 1, 1][:, None, None, None] * self.gain[...]
         return jnp.repeat(jnp.repeat(y, sf, axis=1), sf, axis=2)
+
+
+class Wiener(nnx.Module):
+    """A Wiener deconvolution by FFT: long-range and circular like the deblurring networks' solvers."""
+
+    def __init__(self, kernel, lam):
+        self.kernel = nnx.Variable(jnp.asarray(kernel, jnp.float32))
+        self.lam = lam
+
+    def __call__(self, x):
+        h, w = x.shape[1:3]
+        k = self.kernel[...]
+        kh, kw = k.shape
+        otf = jnp.fft.rfft2(jnp.roll(jnp.pad(k, ((0, h - kh), (0, w - kw))), (-(kh // 2), -(kw // 2)), (0, 1)))
+        gain = jnp.conj(otf) / (jnp.abs(otf) ** 2 + self.lam)
+        return jnp.fft.irfft2(jnp.fft.rfft2(x, axes=(1, 2)) * gain[None, :, :, None], s=(h, w), axes=(1, 2))
 
 
 @pytest.mark.parametrize("length,tile,overlap", [(100, 32, 8), (64, 64, 8), (40, 64, 8), (97, 33, 16), (33, 32, 0)])
@@ -119,9 +135,61 @@ def test_tiled_non_blind_gets_kernel_and_sf_and_x8_works():
         r(x)
 
 
+def _blurred(shape, kernel, seed=0):
+    rng = np.random.default_rng(seed)
+    img = D.blur((rng.random(shape) * 255).astype(np.uint8), np.full((9, 9), 1 / 81.0))
+    return D.blur(img.astype(np.float32) / 255, kernel).astype(np.float32)  # circular: the whole image is exact
+
+
+def test_default_context_reproduces_the_whole_image_for_a_long_range_solver():
+    """Tiles of a circular FFT deconvolution: the task's context (and the circular padding at the
+    image border) reproduce the whole image; no context, or a small one, does not."""
+    k = np.outer(np.hanning(7)[1:-1], np.hanning(7)[1:-1])
+    k /= k.sum()
+    model = Wiener(k, 1e-3)
+    x = _blurred((400, 300, 1), k)
+    whole = T.TiledRestorer(model, DEBLUR, tile=512)(x)  # one tile spanning the image: the whole image
+    err = {c: np.abs(T.TiledRestorer(model, DEBLUR, tile=256, overlap=32, context=c)(x) - whole).max()
+           for c in (0, 16, None)}
+    assert err[None] < 1e-4 < 1e-2 < err[16] < err[0]
+    assert DEBLUR.tile_context == T.TiledRestorer(model, DEBLUR, tile=256).context
+    clamp = np.abs(T.TiledRestorer(model, DEBLUR, tile=256, overlap=32, border="clamp")(x) - whole)
+    assert clamp[64:-64, 64:-64].max() < 1e-2 < clamp.max()  # inside fine, the image border is not: no wrap
+
+
+@pytest.mark.parametrize("border", T.BORDERS)
+def test_both_borders_are_exact_for_a_pointwise_network(border):
+    x = np.random.default_rng(5).random((70, 45, 1), dtype=np.float32)
+    r = T.TiledRestorer(Gain(), DEBLUR, tile=32, overlap=4, context=8, border=border)
+    np.testing.assert_allclose(r(x), x * 0.5, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="border must be one of"):
+        T.TiledRestorer(Gain(), DEBLUR, tile=32, border="reflect")
+
+
+def test_context_plan_keeps_a_quarter_tile_at_most_and_none_for_an_axis_in_one_tile():
+    p = T.plan_tiles(400, 200, 256, 32, 96)
+    assert (p.context_y, p.context_x) == (64, 0)  # a quarter of 256; the width fits one tile
+    assert (p.core_h, p.core_w) == (128, 200) and p.overlap_y == 0  # the context covers the overlap
+    assert p.rows[0] == 0 and p.rows[-1] + p.core_h == 400  # cores tile the image itself
+    assert all(b - a <= p.core_h for a, b in zip(p.rows, p.rows[1:], strict=False))
+    assert T.plan_tiles(400, 400, 256, 48, 8).overlap_y == 32  # overlap beyond twice the context
+    with pytest.raises(ValueError, match="context"):
+        T.plan_tiles(400, 400, 256, 32, -1)
+    assert all(t.tile_context >= 0 and t.tile_border in T.BORDERS for t in TASKS)
+    assert DEBLUR_NONBLIND.tile_context >= DENOISE.tile_context
+
+
+def test_memory_estimate_counts_the_padded_input():
+    mem = T.MemoryModel(0.0, 1.0, context=64)
+    flat = T.MemoryModel(0.0, 1.0)
+    assert mem.peak_bytes(1000, 800, 3, 1, tile=256) - flat.peak_bytes(1000, 800, 3, 1, tile=256) == \
+        4 * 3 * (1128 * 928 - 1000 * 800)
+    assert mem.peak_bytes(1000, 800, 3, 1) == flat.peak_bytes(1000, 800, 3, 1)  # whole image: no padding
+
+
 def test_progress_is_reported_per_batch():
     calls = []
-    T.TiledRestorer(Gain(), DENOISE, tile=16, overlap=4, batch=2, on_tile=lambda d, n: calls.append((d, n)))(
+    T.TiledRestorer(Gain(), DENOISE, tile=16, overlap=4, context=0, batch=2, on_tile=lambda d, n: calls.append((d, n)))(
         np.zeros((40, 40, 1), np.float32))
     assert calls[-1] == (9, 9) and [d for d, _ in calls] == [2, 4, 6, 8, 9]
 
@@ -139,7 +207,8 @@ def test_memory_model_from_compiled_analysis_grows_with_pixels():
     big = T.compiled_bytes(model, DENOISE, (1, 128, 128, 1))
     assert big > small > 0
     mem = T.fit_memory_model(model, DENOISE, 1)
-    assert mem.per_pixel > 0
+    assert mem.per_pixel > 0 and mem.context == 0  # denoising tiles end on the image border: no padding
+    assert T.fit_memory_model(model, DEBLUR, 1).context == DEBLUR.tile_context  # wrap: padded by the context
     assert mem.peak_bytes(1000, 1000, 1, 1, tile=0) > mem.peak_bytes(1000, 1000, 1, 1, tile=128)
     spec = type("S", (), {"scale": 1, "in_channels": 1})
     whole = mem.peak_bytes(1000, 1000, 1, 1)
