@@ -241,8 +241,8 @@ def test_one_cell_solver_is_chosen_and_uses_no_fft():
 
 @pytest.mark.parametrize("mode", PADDING_MODES)
 def test_channels_last_to_padded_planes_and_back_equal_plain_transposes_with_their_gradients(x64, mode):
-    """ops.layout's row-by-row layout changes copy exactly what moveaxis with jnp.pad (or a crop) gives,
-    and their reverse- and forward-mode derivatives are those of the plain operations."""
+    """ops.layout's row-by-row padded planes copy exactly what moveaxis with jnp.pad gives, and their
+    reverse- and forward-mode derivatives are those of the plain operations; the way back is a crop."""
     from converse_jax.ops.layout import cropped_channels_last, padded_planes
 
     rng = np.random.default_rng(7)
@@ -268,12 +268,16 @@ def test_channels_last_to_padded_planes_and_back_equal_plain_transposes_with_the
     np.testing.assert_array_equal(gb, jnp.zeros_like(planes).at[:, :, 2:7, 2:9].set(jnp.moveaxis(ct_back, -1, 1)))
 
 
-def test_channels_last_fft_path_builds_its_planes_row_by_row_on_cpu():
+def test_channels_last_fft_path_builds_its_planes_row_by_row_on_cpu_and_keeps_forward_mode():
     """On CPU the channels-last FFT path changes layout in a loop over rows (ops.layout), not in
-    one whole-array transpose towards channels-first."""
+    one whole-array transpose towards channels-first; jax.jvp still runs through it without padding."""
     x = jnp.ones((1, 12, 12, 3), jnp.float32)
-    fn = jax.jit(lambda a: converse2d(a, jnp.ones((3, 3, 3)) / 9, 1e-2, scale=1, padding=2))
+    kernel = jnp.ones((3, 3, 3)) / 9
+    fn = jax.jit(lambda a: converse2d(a, kernel, 1e-2, scale=1, padding=2))
     hlo = fn.lower(x).compile().as_text()
     if jax.default_backend() == "cpu":
         assert "while(" in hlo
     np.testing.assert_allclose(fn(x), 1.0, atol=1e-5)  # a constant image is a fixed point of a normalised blur
+    # The operator is linear in x, so its tangent along x equals its value at x.
+    value, tangent = jax.jvp(lambda a: converse2d(a, kernel, 1e-2, scale=2), (x,), (x,))
+    np.testing.assert_allclose(tangent, value, atol=1e-5)

@@ -26,7 +26,9 @@ Public entry point: :func:`converse2d` (NHWC). The solver itself is written for 
 (:func:`converse_filter`, :func:`filtered_spectrum`) and lifted over channels and batch with
 ``jax.vmap`` in :func:`converse2d_channels_first`, the layout the networks keep inside (the FFTs then
 run over the two minor axes, with no transposes). There the inverse FFT runs once over all planes
-(:func:`irfft2_planes`), which on CPU inverts two real planes per complex FFT. Kernels that fit in one
+(:func:`irfft2_planes`), which on CPU inverts two real planes per complex FFT. The channels-last entry
+hands the FFT solver its padded planes through :mod:`converse_jax.ops.layout` (row by row on CPU, where a
+whole-array transpose towards channels-first is slow). Kernels that fit in one
 scale cell (kh, kw <= s > 1) skip all of this: :mod:`converse_jax.ops.one_cell` solves them exactly with
 a few spatial passes, in either layout, so the channels-last entry transposes nothing on that path.
 """
@@ -333,8 +335,8 @@ def _solve(x: Array, kernel: Array, lam: Array, scale: Any, padding: Any, paddin
            channels_last: bool) -> Array:
     """Validate, pad, solve and crop. ``x`` (B, C, H, W), or (B, H, W, C) when ``channels_last``;
     ``kernel`` channels-first, (C, kh, kw) or (B, C, kh, kw). Kernels within one scale cell take the
-    FFT-free solver in either layout; the FFT solver works on channels-first planes, so a
-    channels-last ``x`` is transposed around it."""
+    FFT-free solver in either layout; the FFT solver works on channels-first planes, to which a
+    channels-last ``x`` is padded and from which the result is cropped by :mod:`converse_jax.ops.layout`."""
     if channels_last:
         batch, height, width, channels = x.shape
     else:
@@ -357,7 +359,7 @@ def _solve(x: Array, kernel: Array, lam: Array, scale: Any, padding: Any, paddin
         if channels_last:
             return out[:, c:out.shape[1] - c, c:out.shape[2] - c, :] if c else out
         return out[..., c:out.shape[-2] - c, c:out.shape[-1] - c] if c else out
-    if channels_last:  # to padded channels-first planes and back, each in one pass (ops.layout)
+    if channels_last:  # to padded channels-first planes (row by row on CPU) and back (ops.layout)
         out = _solve_fft(padded_planes(x, padding, padding_mode), kernel, lam, scale, out_shape, per_sample,
                          per_sample_lam)
         return cropped_channels_last(out, c)

@@ -8,11 +8,10 @@ writes one whole plane after another, each reading one channel of every pixel of
 input outgrows the cache, each of its cache lines is fetched again for every channel it holds.
 
 :func:`padded_planes` therefore builds the padded channels-first planes one padded row at a time (a
-loop whose step reads one row of pixels, all channels, and writes that row of every plane), and so
-does the reverse-mode derivative of :func:`cropped_channels_last`, whose cotangent goes the same
-way. The other directions are plain transposes. On other platforms (whose compilers tile transposes)
-both are plain ``jnp`` operations. Values are only copied: the results equal ``jnp.moveaxis`` followed
-by :func:`pad_planes` (or preceded by a crop) exactly, in every dtype.
+loop whose step reads one row of pixels, all channels, and writes that row of every plane); on other
+platforms (whose compilers tile transposes) it is a plain transpose and ``jnp.pad``. Values are only
+copied: the result equals ``jnp.moveaxis`` followed by :func:`pad_planes` exactly, in every dtype.
+:func:`cropped_channels_last`, the way back, is a plain crop and transpose.
 """
 from __future__ import annotations
 
@@ -126,8 +125,9 @@ def _planes_by_rows(x: Array, pad: int, mode: str) -> Array:
 
 
 def _planes_reference(x: Array, pad: int, mode: str) -> Array:
-    planes = jnp.moveaxis(x, -1, 1)
-    return _pad_reference(planes, pad, mode) if pad else planes
+    # Padded channels-last, then transposed: transposed for reverse mode, the cotangent is transposed
+    # (the cheap way) and then summed over the padding in the channels-last layout of the result.
+    return jnp.moveaxis(_pad_reference(x, pad, mode, channels_last=True) if pad else x, -1, 1)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(1, 2))
@@ -148,26 +148,11 @@ def _padded_planes_jvp(pad: int, mode: str, primals: tuple[Array], tangents: tup
     return padded_planes(x, pad, mode), _planes_reference(dx, pad, mode)
 
 
-def _crop_last(planes: Array, crop: int) -> Array:
+def cropped_channels_last(planes: Array, crop: int) -> Array:
+    """Channels-first ``planes`` (B, C, H, W) cropped by ``crop`` on each side, channels-last:
+    (B, H - 2·crop, W - 2·crop, C). A plain transpose: towards channels-last is the cheap direction.
+    (Its reverse-mode derivative goes the costly way; a custom VJP built like :func:`padded_planes`
+    would take forward-mode differentiation away from the public operator.)"""
     if crop:
         planes = planes[..., crop:planes.shape[-2] - crop, crop:planes.shape[-1] - crop]
     return jnp.moveaxis(planes, 1, -1)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(1,))
-def cropped_channels_last(planes: Array, crop: int) -> Array:
-    """Channels-first ``planes`` (B, C, H, W) cropped by ``crop`` on each side, channels-last:
-    (B, H - 2·crop, W - 2·crop, C). Its reverse-mode derivative zero-pads the cotangent to planes
-    with :func:`padded_planes` (row by row on CPU)."""
-    return _crop_last(planes, crop)
-
-
-def _cropped_fwd(planes: Array, crop: int) -> tuple[Array, None]:
-    return _crop_last(planes, crop), None
-
-
-def _cropped_bwd(crop: int, _: None, g: Array) -> tuple[Array]:
-    return (padded_planes(g, crop, "constant"),)
-
-
-cropped_channels_last.defvjp(_cropped_fwd, _cropped_bwd)
