@@ -240,7 +240,7 @@ def test_one_cell_solver_is_chosen_and_uses_no_fft():
 
 
 @pytest.mark.parametrize("mode", PADDING_MODES)
-def test_channels_last_to_padded_planes_and_back_equal_plain_transposes_with_their_gradients(x64, mode):
+def test_channels_last_to_padded_planes_and_back_equal_plain_transposes_with_their_gradients(x64, mode, monkeypatch):
     """ops.layout's row-by-row padded planes copy exactly what moveaxis with jnp.pad gives, and their
     reverse- and forward-mode derivatives are those of the plain operations; the way back is a crop."""
     from converse_jax.ops.layout import cropped_channels_last, padded_planes
@@ -248,6 +248,7 @@ def test_channels_last_to_padded_planes_and_back_equal_plain_transposes_with_the
     rng = np.random.default_rng(7)
     x = jnp.asarray(rng.standard_normal((2, 5, 7, 3)))
     pad = 2
+    monkeypatch.setattr("converse_jax.ops.layout.ROW_LOOP_MIN_BYTES", 0)  # the loop even for this small input
     ref = jnp.pad(jnp.moveaxis(x, -1, 1), [(0, 0), (0, 0), (pad, pad), (pad, pad)],
                   mode={"circular": "wrap", "reflect": "reflect", "replicate": "edge", "constant": "constant"}[mode])
     out = jax.jit(lambda a: padded_planes(a, pad, mode))(x)
@@ -271,8 +272,11 @@ def test_channels_last_to_padded_planes_and_back_equal_plain_transposes_with_the
 def test_channels_last_fft_path_builds_its_planes_row_by_row_on_cpu_and_keeps_forward_mode():
     """On CPU the channels-last FFT path changes layout in a loop over rows (ops.layout), not in
     one whole-array transpose towards channels-first; jax.jvp still runs through it without padding."""
-    x = jnp.ones((1, 12, 12, 3), jnp.float32)
-    kernel = jnp.ones((3, 3, 3)) / 9
+    from converse_jax.ops.layout import ROW_LOOP_MIN_BYTES
+
+    x = jnp.ones((1, 96, 96, 32), jnp.float32)
+    assert x.size * 4 >= ROW_LOOP_MIN_BYTES
+    kernel = jnp.ones((3, 3, 32)) / 9
     fn = jax.jit(lambda a: converse2d(a, kernel, 1e-2, scale=1, padding=2))
     hlo = fn.lower(x).compile().as_text()
     if jax.default_backend() == "cpu":

@@ -8,7 +8,8 @@ writes one whole plane after another, each reading one channel of every pixel of
 input outgrows the cache, each of its cache lines is fetched again for every channel it holds.
 
 :func:`padded_planes` therefore builds the padded channels-first planes one padded row at a time (a
-loop whose step reads one row of pixels, all channels, and writes that row of every plane); on other
+loop whose step reads one row of pixels, all channels, and writes that row of every plane) when the
+input is larger than :data:`ROW_LOOP_MIN_BYTES`; below that, and on other
 platforms (whose compilers tile transposes) it is a plain transpose and ``jnp.pad``. Values are only
 copied: the result equals ``jnp.moveaxis`` followed by :func:`pad_planes` exactly, in every dtype.
 :func:`cropped_channels_last`, the way back, is a plain crop and transpose.
@@ -98,6 +99,11 @@ def pad_planes(x: Array, padding: int, padding_mode: str, *, channels_last: bool
     return _pad_gather(x, padding, padding_mode, channels_last)
 
 
+# Inputs smaller than this stay in the caches through a plain transpose, where the loop's per-row steps
+# would only add overhead: the size of a CPU core's second-level cache, in bytes.
+ROW_LOOP_MIN_BYTES = 1 << 20
+
+
 def _source_index(n: int, pad: int, mode: str) -> np.ndarray:
     """Source index of each sample of an axis of length ``n`` padded by ``pad`` on both sides; ``n``
     (out of range: a zero) for the padded samples of ``constant`` mode."""
@@ -138,6 +144,8 @@ def padded_planes(x: Array, pad: int, mode: str) -> Array:
     Differentiated (either mode) as the plain transpose and ``jnp.pad``, which it equals: their
     reverse-mode derivative runs towards channels-last, the cheap direction.
     """
+    if x.size * x.dtype.itemsize < ROW_LOOP_MIN_BYTES:
+        return _planes_reference(x, pad, mode)
     return jax.lax.platform_dependent(x, cpu=lambda a: _planes_by_rows(a, pad, mode),
                                       default=lambda a: _planes_reference(a, pad, mode))
 
