@@ -237,3 +237,51 @@ def test_one_cell_solver_is_chosen_and_uses_no_fft():
     transposed = [line.split("=")[0] for line in jaxpr.splitlines() if "transpose[" in line]
     assert all("8," not in t and ",8" not in t for t in transposed), transposed
     assert "fft" in str(jax.make_jaxpr(lambda a: converse2d(a, jnp.ones((3, 3, 3)) / 9, 1e-2, scale=2))(x))
+
+
+@pytest.mark.parametrize("mode", PADDING_MODES)
+def test_channels_last_to_padded_planes_and_back_equal_plain_transposes_with_their_gradients(x64, mode, monkeypatch):
+    """ops.layout's row-by-row padded planes copy exactly what moveaxis with jnp.pad gives, and their
+    reverse- and forward-mode derivatives are those of the plain operations; the way back is a crop."""
+    from converse_jax.ops.layout import cropped_channels_last, padded_planes
+
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((2, 5, 7, 3)))
+    pad = 2
+    monkeypatch.setattr("converse_jax.ops.layout.ROW_LOOP_MIN_BYTES", 0)  # the loop even for this small input
+    ref = jnp.pad(jnp.moveaxis(x, -1, 1), [(0, 0), (0, 0), (pad, pad), (pad, pad)],
+                  mode={"circular": "wrap", "reflect": "reflect", "replicate": "edge", "constant": "constant"}[mode])
+    out = jax.jit(lambda a: padded_planes(a, pad, mode))(x)
+    np.testing.assert_array_equal(out, ref)
+    ct = jnp.asarray(rng.standard_normal(ref.shape))
+    (g,) = jax.vjp(lambda a: padded_planes(a, pad, mode), x)[1](ct)
+    (g_ref,) = jax.vjp(lambda a: jnp.pad(jnp.moveaxis(a, -1, 1), [(0, 0), (0, 0), (pad, pad), (pad, pad)],
+                                         mode="wrap" if mode == "circular" else "edge" if mode == "replicate"
+                                         else mode), x)[1](ct)
+    np.testing.assert_allclose(g, g_ref, atol=1e-12)
+    np.testing.assert_array_equal(jax.jvp(lambda a: padded_planes(a, pad, mode), (x,), (x,))[1], ref)
+
+    planes = jnp.asarray(rng.standard_normal((2, 3, 9, 11)))
+    back = jax.jit(lambda p: cropped_channels_last(p, 2))(planes)
+    np.testing.assert_array_equal(back, jnp.moveaxis(planes[:, :, 2:7, 2:9], 1, -1))
+    ct_back = jnp.asarray(rng.standard_normal(back.shape))
+    (gb,) = jax.vjp(lambda p: cropped_channels_last(p, 2), planes)[1](ct_back)
+    np.testing.assert_array_equal(gb, jnp.zeros_like(planes).at[:, :, 2:7, 2:9].set(jnp.moveaxis(ct_back, -1, 1)))
+
+
+def test_channels_last_fft_path_builds_its_planes_row_by_row_on_cpu_and_keeps_forward_mode():
+    """On CPU the channels-last FFT path changes layout in a loop over rows (ops.layout), not in
+    one whole-array transpose towards channels-first; jax.jvp still runs through it without padding."""
+    from converse_jax.ops.layout import ROW_LOOP_MIN_BYTES
+
+    x = jnp.ones((1, 96, 96, 32), jnp.float32)
+    assert x.size * 4 >= ROW_LOOP_MIN_BYTES
+    kernel = jnp.ones((3, 3, 32)) / 9
+    fn = jax.jit(lambda a: converse2d(a, kernel, 1e-2, scale=1, padding=2))
+    hlo = fn.lower(x).compile().as_text()
+    if jax.default_backend() == "cpu":
+        assert "while(" in hlo
+    np.testing.assert_allclose(fn(x), 1.0, atol=1e-5)  # a constant image is a fixed point of a normalised blur
+    # The operator is linear in x, so its tangent along x equals its value at x.
+    value, tangent = jax.jvp(lambda a: converse2d(a, kernel, 1e-2, scale=2), (x,), (x,))
+    np.testing.assert_allclose(tangent, value, atol=1e-5)

@@ -26,7 +26,9 @@ Public entry point: :func:`converse2d` (NHWC). The solver itself is written for 
 (:func:`converse_filter`, :func:`filtered_spectrum`) and lifted over channels and batch with
 ``jax.vmap`` in :func:`converse2d_channels_first`, the layout the networks keep inside (the FFTs then
 run over the two minor axes, with no transposes). There the inverse FFT runs once over all planes
-(:func:`irfft2_planes`), which on CPU inverts two real planes per complex FFT. Kernels that fit in one
+(:func:`irfft2_planes`), which on CPU inverts two real planes per complex FFT. The channels-last entry
+hands the FFT solver its padded planes through :mod:`converse_jax.ops.layout` (row by row on CPU, where a
+whole-array transpose towards channels-first is slow). Kernels that fit in one
 scale cell (kh, kw <= s > 1) skip all of this: :mod:`converse_jax.ops.one_cell` solves them exactly with
 a few spatial passes, in either layout, so the channels-last entry transposes nothing on that path.
 """
@@ -41,21 +43,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from converse_jax.ops.layout import check_padding_mode, cropped_channels_last, pad_planes, padded_planes
 from converse_jax.ops.one_cell import fits_one_cell, solve_one_cell
 
-# The four padding modes (PyTorch's names) and the ``jnp.pad`` mode of each: the one table of the
-# project (the convolution layers of converse_jax.nn pad with it too).
-JNP_PAD_MODES = {"circular": "wrap", "reflect": "reflect", "replicate": "edge", "constant": "constant"}
-PADDING_MODES = tuple(JNP_PAD_MODES)
-
 Array = jax.Array
-
-
-def check_padding_mode(padding_mode: Any) -> str:
-    """``padding_mode`` if it is one of :data:`PADDING_MODES`, else a ValueError naming them."""
-    if padding_mode not in JNP_PAD_MODES:
-        raise ValueError(f"padding_mode must be one of {', '.join(PADDING_MODES)}; got {padding_mode!r}")
-    return padding_mode
 
 
 def lambda_from_bias(bias: Any, eps: float) -> Array:
@@ -326,67 +317,6 @@ def _check_lam(lam: Array, batch: int, channels: int) -> tuple[Array, bool]:
                      f"and {channels} channels; got shape {lam.shape}")
 
 
-def pad_index(n: int, pad: int, mode: str) -> np.ndarray:
-    """Source index of each of the ``n + 2·pad`` samples of an axis padded by ``pad`` on both sides
-    (``circular``, ``reflect`` without repeating the edge, ``replicate``)."""
-    i = np.arange(-pad, n + pad)
-    if mode == "circular":
-        return i % n
-    if mode == "replicate":
-        return np.clip(i, 0, n - 1)
-    if mode == "reflect":
-        if n == 1:
-            return np.zeros_like(i)
-        period = 2 * (n - 1)
-        j = np.abs(i) % period
-        return np.where(j >= n, period - j, j)
-    raise ValueError(f"pad_index: no index form for padding mode {mode!r}")
-
-
-def _pad_reference(x: Array, pad: int, mode: str, channels_last: bool = False) -> Array:
-    widths = [(0, 0)] * x.ndim
-    axes = (1, 2) if channels_last else (x.ndim - 2, x.ndim - 1)
-    for a in axes:
-        widths[a] = (pad, pad)
-    return jnp.pad(x, widths, mode=JNP_PAD_MODES[mode])
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _pad_gather(x: Array, pad: int, mode: str, channels_last: bool = False) -> Array:
-    # One gather with static indices: XLA fuses it with the producer of ``x``, where jnp.pad's
-    # circular mode is a concatenation that costs an extra pass over the tensor.
-    if channels_last:
-        ih = pad_index(x.shape[1], pad, mode)
-        iw = pad_index(x.shape[2], pad, mode)
-        return x[:, ih[:, None], iw[None, :], :]
-    ih = pad_index(x.shape[-2], pad, mode)
-    iw = pad_index(x.shape[-1], pad, mode)
-    return x[..., ih[:, None], iw[None, :]]
-
-
-def _pad_gather_fwd(x: Array, pad: int, mode: str, channels_last: bool) -> tuple[Array, tuple[int, ...]]:
-    return _pad_gather(x, pad, mode, channels_last), x.shape
-
-
-def _pad_gather_bwd(pad: int, mode: str, channels_last: bool, shape: tuple[int, ...], g: Array) -> tuple[Array]:
-    # The gather's own transpose is a scatter-add, slow on XLA's CPU backend; jnp.pad's is slices and adds.
-    _, vjp = jax.vjp(lambda a: _pad_reference(a, pad, mode, channels_last), jnp.zeros(shape, g.dtype))
-    return vjp(g)
-
-
-_pad_gather.defvjp(_pad_gather_fwd, _pad_gather_bwd)
-
-
-def pad_planes(x: Array, padding: int, padding_mode: str, *, channels_last: bool = False) -> Array:
-    """Pad the spatial axes of ``x`` by ``padding`` on each side (``PADDING_MODES``): the last two axes,
-    or axes 1 and 2 of a (B, H, W, C) array when ``channels_last``."""
-    if padding == 0:
-        return x
-    if padding_mode == "constant":
-        return _pad_reference(x, padding, padding_mode, channels_last)
-    return _pad_gather(x, padding, padding_mode, channels_last)
-
-
 def _coerce(x: Any, kernel: Any, lam: Any) -> tuple[Array, Array, Array]:
     x = jnp.asarray(x)
     kernel = jnp.asarray(kernel)
@@ -405,8 +335,8 @@ def _solve(x: Array, kernel: Array, lam: Array, scale: Any, padding: Any, paddin
            channels_last: bool) -> Array:
     """Validate, pad, solve and crop. ``x`` (B, C, H, W), or (B, H, W, C) when ``channels_last``;
     ``kernel`` channels-first, (C, kh, kw) or (B, C, kh, kw). Kernels within one scale cell take the
-    FFT-free solver in either layout; the FFT solver works on channels-first planes, so a
-    channels-last ``x`` is transposed around it."""
+    FFT-free solver in either layout; the FFT solver works on channels-first planes, to which a
+    channels-last ``x`` is padded and from which the result is cropped by :mod:`converse_jax.ops.layout`."""
     if channels_last:
         batch, height, width, channels = x.shape
     else:
@@ -422,19 +352,19 @@ def _solve(x: Array, kernel: Array, lam: Array, scale: Any, padding: Any, paddin
     if kh > out_shape[0] or kw > out_shape[1]:
         raise ValueError(f"kernel of size {kh}x{kw} is larger than the (padded) output plane {out_shape[0]}x"
                          f"{out_shape[1]}; use a larger input or padding, or a smaller kernel")
-    one_cell = fits_one_cell(kh, kw, scale)
-    if channels_last and not one_cell:
-        x = jnp.moveaxis(x, -1, 1)
-    x = pad_planes(x, padding, padding_mode, channels_last=channels_last and one_cell)
-    if one_cell:
-        out = solve_one_cell(x, kernel, lam, scale, channels_last=channels_last)
-    else:
-        out = _solve_fft(x, kernel, lam, scale, out_shape, per_sample, per_sample_lam)
     c = padding * scale
-    if channels_last and one_cell:
-        return out[:, c:out.shape[1] - c, c:out.shape[2] - c, :] if c else out
-    out = out[..., c:out.shape[-2] - c, c:out.shape[-1] - c] if c else out
-    return jnp.moveaxis(out, 1, -1) if channels_last else out
+    if fits_one_cell(kh, kw, scale):
+        out = solve_one_cell(pad_planes(x, padding, padding_mode, channels_last=channels_last), kernel, lam, scale,
+                             channels_last=channels_last)
+        if channels_last:
+            return out[:, c:out.shape[1] - c, c:out.shape[2] - c, :] if c else out
+        return out[..., c:out.shape[-2] - c, c:out.shape[-1] - c] if c else out
+    if channels_last:  # to padded channels-first planes (row by row on CPU) and back (ops.layout)
+        out = _solve_fft(padded_planes(x, padding, padding_mode), kernel, lam, scale, out_shape, per_sample,
+                         per_sample_lam)
+        return cropped_channels_last(out, c)
+    out = _solve_fft(pad_planes(x, padding, padding_mode), kernel, lam, scale, out_shape, per_sample, per_sample_lam)
+    return out[..., c:out.shape[-2] - c, c:out.shape[-1] - c] if c else out
 
 
 def _solve_fft(x: Array, kernel: Array, lam: Array, scale: int, out_shape: tuple[int, int], per_sample: bool,
