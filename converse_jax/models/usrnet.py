@@ -59,8 +59,9 @@ class ConverseUSRNet(nnx.Module):
     per-sample kernels for the data step (the same closed-form solver as Converse2D, λ = sigmoid(α - 9) +
     1e-3), followed by a prior of alpha blocks shared across iterations. Released: 307,987 parameters.
     ``prior`` is a :class:`~converse_jax.nn.BlockStack`; ``scan_blocks`` chooses its scan or unrolled loop.
-    ``precision``: ``"float32"`` or ``"bf16"`` (None: the default, :mod:`converse_jax.nn.precision`); the
-    data step runs in float32 either way.
+    ``precision``: ``"float32"`` or ``"bf16"`` (None: the default, :mod:`converse_jax.nn.precision`). The
+    data step, and KernelNet and the kernel convolutions that make its kernels, run in float32 either
+    way: bfloat16-rounded kernels cost the solver accuracy, and these layers work on 7x7 maps only.
     """
 
     def __init__(self, in_channels: int = 3, features: int = 64, num_blocks: int = 7, num_iterations: int = 5,
@@ -80,8 +81,10 @@ class ConverseUSRNet(nnx.Module):
             dtype=dtype, param_dtype=param_dtype, rngs=r), scan_blocks=scan_blocks, rngs=rngs)
         self.conv1 = pointwise(in_channels, features, **kw)
         self.conv2 = pointwise(features, in_channels, **kw)
-        self.kernelnet = KernelNet(blur_kernel_size, **kw)
-        self.kernel_convs = nnx.List([pointwise(KERNEL_FEATURES, features, **kw) for _ in range(num_iterations)])
+        solver_kw = dict(param_dtype=param_dtype, rngs=rngs)  # the data step's kernels: float32 (see above)
+        self.kernelnet = KernelNet(blur_kernel_size, **solver_kw)
+        self.kernel_convs = nnx.List([pointwise(KERNEL_FEATURES, features, **solver_kw)
+                                      for _ in range(num_iterations)])
 
     def data_weight(self) -> jax.Array:
         """The per-channel third argument of ``data_step``: λ = sigmoid(α - 9) + 1e-3 from ``data_alpha``."""
