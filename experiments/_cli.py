@@ -1,5 +1,5 @@
-"""What every command-line entry point shares: one-line errors and exit codes; for restore and
-evaluate also the tile flags, output checks and per-tile progress."""
+"""What every command-line entry point shares: one-line errors and exit codes, the --precision flag;
+for restore and evaluate also the tile flags, output checks and per-tile progress."""
 
 from __future__ import annotations
 
@@ -29,6 +29,35 @@ def run_main(run: Callable[[argparse.Namespace], int], args: argparse.Namespace)
     except (ValueError, OSError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def add_precision_flag(p: argparse.ArgumentParser) -> None:
+    """--precision float32|bf16 (default float32).
+
+    Parsing sets the process-wide default precision (:mod:`converse_jax.nn.precision`) and
+    $CONVERSE_JAX_PRECISION, which the worker processes the command starts inherit, so that every
+    network the command builds, released weights included, computes in it. Every parse sets both,
+    also when the flag is absent (argparse passes a string default through ``type``), so a second
+    command in the same process does not inherit the first one's choice.
+    """
+    from converse_jax.nn.precision import PRECISIONS  # imports jax: only for the commands that take the flag
+
+    p.add_argument("--precision", default="float32", type=_use_precision, metavar="{" + ",".join(PRECISIONS) + "}",
+                   help="compute precision: float32 (default), or bf16: bfloat16 1x1 convolutions, LayerNorm, "
+                        "GELU and linear layers with float32 parameters and Converse2D solver (docs/precision.md)")
+
+
+def _use_precision(text: str) -> str:
+    """``--precision``'s type: validate ``text`` and make it the default precision of this process."""
+    from converse_jax.nn import precision as P
+
+    try:
+        name = P.check_precision(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    P.set_default_precision(name)
+    os.environ[P.ENV_VAR] = name
+    return name
 
 
 # ------------------------------------------------------------------------------------------------

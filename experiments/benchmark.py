@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks import cases as C
+from experiments import _cli
 
 _ALL = C.SECTIONS + C.EXTRA_SECTIONS
 
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop adding timed runs (beyond the minimum) after this many seconds per figure")
     p.add_argument("--torch-timeout", type=float, default=3600.0, metavar="SECONDS",
                    help="give up on one baseline measurement after this long (default 3600)")
+    _cli.add_precision_flag(p)
     return p
 
 

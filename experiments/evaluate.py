@@ -22,6 +22,7 @@ from converse_jax import evaluation as E
 from converse_jax.evaluation import DATASETS
 from converse_jax.fileio import write_json_atomic
 from converse_jax.tiling import is_out_of_memory
+from experiments import _cli
 from experiments._cli import (
     add_tile_flags,
     add_weights_flags,
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write the results as JSON here")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_tile_flags(p, whole_by_default=True)
+    _cli.add_precision_flag(p)
     return p
 
 

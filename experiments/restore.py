@@ -28,6 +28,7 @@ from pathlib import Path
 from converse_jax import evaluation as E
 from converse_jax.imageio import ImageError, list_images, read_image, read_kernel, write_image
 from converse_jax.tiling import is_out_of_memory
+from experiments import _cli
 from experiments._cli import (
     Progress,
     add_tile_flags,
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_weights_flags(p)
     p.add_argument("--x8", action="store_true", help="8-fold flip/rotate self-ensemble")
     add_tile_flags(p)
+    _cli.add_precision_flag(p)
     p.add_argument("--no-progress", action="store_true", help="print only one line per image")
     return p
 

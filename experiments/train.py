@@ -42,6 +42,7 @@ from converse_jax.train import (
     train,
 )
 from converse_jax.train.loop import SecondInterrupt
+from experiments import _cli
 from experiments._cli import one_line
 
 PROG = "python -m experiments.train"
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--process-id", type=int, help="multi-process: this process's index, 0..N-1 (else "
                                                   "auto-detected)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _cli.add_precision_flag(p)
     return p
 
 
@@ -129,7 +131,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     over: dict[str, Any] = {}
     for name in ("data", "val_data", "steps", "batch_size", "patch_size", "lr", "loss", "seed", "workdir",
                  "eval_every", "save_every", "log_every", "keep", "num_workers", "val_count", "val_size",
-                 "init_from"):
+                 "init_from", "precision"):
         value = getattr(args, name)
         if value is not None:
             over[name] = value

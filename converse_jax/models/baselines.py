@@ -47,6 +47,7 @@ from converse_jax.nn.conv import (
     pixel_shuffle,
 )
 from converse_jax.nn.layers import Converse2D, gelu
+from converse_jax.nn.precision import check_precision, compute_dtype, full_dtype
 
 __all__ = ["DnCNN", "MSRResNet", "ConvUSRNet", "conv_data_step", "conv_dncnn", "convt_dncnn", "dncnn_k5",
            "conv_srresnet", "convt_srresnet", "conv_convnet"]
@@ -74,8 +75,10 @@ class DnCNN(nnx.Module):
     """
 
     def __init__(self, in_channels: int = 1, features: int = 64, num_blocks: int = 15, *,
-                 momentum: float = 0.9, epsilon: float = 1e-4, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-        kw = dict(param_dtype=param_dtype, rngs=rngs)
+                 momentum: float = 0.9, epsilon: float = 1e-4, precision: str | None = None,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.precision = check_precision(precision)
+        kw = dict(dtype=compute_dtype(self.precision), param_dtype=param_dtype, rngs=rngs)
         self.head = conv2d(in_channels, features, 3, **kw)
         self.convs = nnx.List([conv2d(features, features, 3, **kw) for _ in range(num_blocks)])
         self.norms = nnx.List([
@@ -87,7 +90,7 @@ class DnCNN(nnx.Module):
         h = jax.nn.relu(self.head(x))
         for conv, norm in zip(self.convs, self.norms, strict=False):
             h = jax.nn.relu(norm(conv(h)))
-        return x - self.tail(h)
+        return (x - self.tail(h)).astype(full_dtype(x))
 
 
 def conv_dncnn(*, kernel_size: int = 5, padding_mode: str = "circular", **kwargs: Any) -> ConverseDnCNN:
@@ -119,14 +122,14 @@ def dncnn_k5(*, kernel_size: int = 5, padding: int = 4, **kwargs: Any) -> Conver
 
 
 class _ResidualBlock(nnx.Module):
-    """x + conv(ReLU(conv(x))), 3×3 convs with biases."""
+    """x + conv(ReLU(conv(x))), 3×3 convs with biases computing in ``dtype``; the sum in at least float32."""
 
-    def __init__(self, features: int, *, param_dtype: Any, rngs: nnx.Rngs):
-        self.conv1 = conv2d(features, features, 3, param_dtype=param_dtype, rngs=rngs)
-        self.conv2 = conv2d(features, features, 3, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, features: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.conv1 = conv2d(features, features, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.conv2 = conv2d(features, features, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return x + self.conv2(jax.nn.relu(self.conv1(x)))
+        return x.astype(full_dtype(x)) + self.conv2(jax.nn.relu(self.conv1(x)))
 
 
 def _leaky_relu(x: jax.Array) -> jax.Array:
@@ -150,7 +153,7 @@ class MSRResNet(nnx.Module):
     def __init__(self, in_channels: int = 3, out_channels: int = 3, features: int = 64, num_blocks: int = 16,
                  upscale: int = 4, *, upsampler: Literal["pixel_shuffle", "converse"] = "pixel_shuffle",
                  activation: Literal["lrelu", "gelu"] | None = None, scan_blocks: bool = True,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 precision: str | None = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         if upscale not in (2, 4):
             raise ValueError(f"upscale must be 2 or 4, got {upscale}")
         if upsampler not in ("pixel_shuffle", "converse"):
@@ -159,13 +162,15 @@ class MSRResNet(nnx.Module):
             activation = "lrelu" if upsampler == "pixel_shuffle" else "gelu"
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(_ACTIVATIONS)}, got {activation!r}")
-        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.precision = check_precision(precision)
+        dtype = compute_dtype(self.precision)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.upscale = upscale
         self.activation = activation
         n_up = 2 if upscale == 4 else 1
         self.conv_first = conv2d(in_channels, features, 3, **kw)
-        self.body = BlockStack(num_blocks, lambda r: _ResidualBlock(features, param_dtype=param_dtype, rngs=r),
-                               scan_blocks=scan_blocks, rngs=rngs)
+        self.body = BlockStack(num_blocks, lambda r: _ResidualBlock(features, dtype=dtype, param_dtype=param_dtype,
+                                                                    rngs=r), scan_blocks=scan_blocks, rngs=rngs)
         if upsampler == "pixel_shuffle":
             self.upconvs = nnx.List([conv2d(features, 4 * features, 3, **kw) for _ in range(n_up)])
             self.upsamplers = None
@@ -186,7 +191,7 @@ class MSRResNet(nnx.Module):
             h = pixel_shuffle(h, 2) if self.upsamplers is None else self.upsamplers[i](h)
             h = act(h)
         h = self.conv_last(act(self.conv_hr(h)))
-        return h + bilinear_upsample(x, self.upscale)
+        return (h + bilinear_upsample(x, self.upscale)).astype(full_dtype(x))
 
 
 def conv_srresnet(*, kernel_size: int = 5, padding_mode: str = "replicate", up_kernel_size: int = 3,

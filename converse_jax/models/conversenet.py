@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from converse_jax.nn import BlockStack, ConverseBlock, block_key_to_path, linear_key_to_path, pointwise
+from converse_jax.nn.precision import check_precision, compute_dtype, full_dtype
 
 
 class ConverseNet(nnx.Module):
@@ -17,18 +18,21 @@ class ConverseNet(nnx.Module):
     Takes only the blurred image. Released: 7 blocks (3x3 kernels, circular padding 2), 5 iterations,
     243,267 parameters.
     ``prior`` is a :class:`~converse_jax.nn.BlockStack`; ``scan_blocks`` chooses its scan or unrolled loop.
+    ``precision``: ``"float32"`` or ``"bf16"`` (None: the default, :mod:`converse_jax.nn.precision`).
     """
 
     def __init__(self, in_channels: int = 3, features: int = 64, num_blocks: int = 7, num_iterations: int = 5,
                  kernel_size: int = 3, padding: int = 2, padding_mode: str = "circular", *, mixer=None,
-                 scan_blocks: bool = True, param_dtype: Any = jnp.float32,
+                 scan_blocks: bool = True, precision: str | None = None, param_dtype: Any = jnp.float32,
                  rngs: nnx.Rngs):
-        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.precision = check_precision(precision)
+        dtype = compute_dtype(self.precision)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_iterations = num_iterations
         self.conv1 = pointwise(in_channels, features, **kw)
         self.prior = BlockStack(num_blocks, lambda r: ConverseBlock(
             features, kernel_size, padding=padding, padding_mode=padding_mode, mixer=mixer,
-            param_dtype=param_dtype, rngs=r), scan_blocks=scan_blocks, rngs=rngs)
+            dtype=dtype, param_dtype=param_dtype, rngs=r), scan_blocks=scan_blocks, rngs=rngs)
         self.conv2 = pointwise(features, in_channels, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -36,7 +40,7 @@ class ConverseNet(nnx.Module):
         h = self.conv1.channels_first(jnp.moveaxis(x, -1, 1))
         for _ in range(self.num_iterations):
             h = self.prior.channels_first(h)
-        return jnp.moveaxis(self.conv2.channels_first(h), 1, -1)
+        return jnp.moveaxis(self.conv2.channels_first(h), 1, -1).astype(full_dtype(x))
 
 
 def torch_key_to_path(key: str) -> tuple:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from converse_jax.nn import BlockStack, ConverseBlock, block_key_to_path, linear_key_to_path, pointwise
+from converse_jax.nn.precision import check_precision, compute_dtype, full_dtype
 
 
 class ConverseDnCNN(nnx.Module):
@@ -17,24 +18,27 @@ class ConverseDnCNN(nnx.Module):
     Released: 20 blocks, 64 features, 7x7 Converse2D kernels with circular padding 6 (796,353 parameters);
     the paper's table uses 5x5 kernels (734,913).
     ``body`` is a :class:`~converse_jax.nn.BlockStack`; ``scan_blocks`` chooses its scan or unrolled loop.
+    ``precision``: ``"float32"`` or ``"bf16"`` (None: the default, :mod:`converse_jax.nn.precision`).
     """
 
     def __init__(self, in_channels: int = 1, features: int = 64, num_blocks: int = 20, kernel_size: int = 7,
                  padding: int = 6, padding_mode: str = "circular", eps: float = 1e-5, *, mixer=None,
-                 scan_blocks: bool = True, param_dtype: Any = jnp.float32,
+                 scan_blocks: bool = True, precision: str | None = None, param_dtype: Any = jnp.float32,
                  rngs: nnx.Rngs):
-        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.precision = check_precision(precision)
+        dtype = compute_dtype(self.precision)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.head = pointwise(in_channels, features, **kw)
         self.body = BlockStack(num_blocks, lambda r: ConverseBlock(
             features, kernel_size, padding=padding, padding_mode=padding_mode, eps=eps, mixer=mixer,
-            param_dtype=param_dtype, rngs=r), scan_blocks=scan_blocks, rngs=rngs)
+            dtype=dtype, param_dtype=param_dtype, rngs=r), scan_blocks=scan_blocks, rngs=rngs)
         self.tail = pointwise(features, in_channels, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(B, H, W, C) -> (B, H, W, C). Channels-first inside."""
         h = self.head.channels_first(jnp.moveaxis(x, -1, 1))
         h = self.body.channels_first(h)
-        return jnp.moveaxis(self.tail.channels_first(h), 1, -1)
+        return jnp.moveaxis(self.tail.channels_first(h), 1, -1).astype(full_dtype(x))
 
 
 def torch_key_to_path(key: str) -> tuple:

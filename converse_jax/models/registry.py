@@ -17,6 +17,7 @@ from flax import nnx
 from converse_jax import tasks
 from converse_jax.models import baselines, conversenet, dncnn, srresnet, usrnet
 from converse_jax.models.spec import EvalProtocol, ModelSpec, Release, TrainRecipe
+from converse_jax.nn.precision import check_precision
 
 # the official repository keeps its released weights in model_zoo/
 _RELEASE_URL = "https://github.com/cszn/ConverseNet/raw/main/model_zoo/{}"
@@ -119,12 +120,18 @@ def get_spec(name: str) -> ModelSpec:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
 
 
-def create(name: str, *, rngs: nnx.Rngs | int = 0, param_dtype: Any = jnp.float32, **overrides: Any) -> nnx.Module:
-    """Build the model ``name`` with fresh parameters (``overrides`` go to its constructor)."""
+def create(name: str, *, rngs: nnx.Rngs | int = 0, precision: str | None = None, param_dtype: Any = jnp.float32,
+           **overrides: Any) -> nnx.Module:
+    """Build the model ``name`` with fresh parameters (``overrides`` go to its constructor).
+
+    ``precision``: ``"float32"`` or ``"bf16"`` (mixed precision: bfloat16 compute, float32 parameters and
+    solver); None takes the default precision (:func:`converse_jax.nn.precision.get_default_precision`).
+    """
     spec = get_spec(name)
+    precision = check_precision(precision)
     if isinstance(rngs, int):
         rngs = nnx.Rngs(rngs)
-    return spec.build(param_dtype=param_dtype, rngs=rngs, **overrides)
+    return spec.build(precision=precision, param_dtype=param_dtype, rngs=rngs, **overrides)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -69,7 +69,7 @@ class ModelSpec:
     in_channels: int
     out_channels: int
     scale: int
-    build: Callable[..., Any]  # build(*, rngs, **overrides) -> nnx.Module
+    build: Callable[..., Any]  # build(*, rngs, precision, param_dtype, **overrides) -> nnx.Module
     num_params: int | None  # the count the tests pin
     torch_key_to_path: Callable[[str], tuple] | None  # PyTorch state-dict key -> NNX state path
     release: Release | None

@@ -18,6 +18,7 @@ from converse_jax.nn import (
     linear_key_to_path,
     pointwise,
 )
+from converse_jax.nn.precision import check_precision, compute_dtype, full_dtype
 
 
 def bilinear_upsample(x: jax.Array, scale: int) -> jax.Array:
@@ -31,19 +32,22 @@ class ConverseSRResNet(nnx.Module):
     plus the input upsampled x4 bilinearly. Released: 699,072 parameters.
     ``body`` is a :class:`~converse_jax.nn.BlockStack`; ``scan_blocks`` chooses its scan or unrolled loop.
     The up-sampling blocks stay a list: each runs at its own resolution, between two upsamplers.
+    ``precision``: ``"float32"`` or ``"bf16"`` (None: the default, :mod:`converse_jax.nn.precision`).
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3, features: int = 64, num_blocks: int = 16,
                  kernel_size: int = 5, padding: int = 4, padding_mode: str = "replicate", upscale: int = 4,
-                 *, mixer=None, upsampler=None, scan_blocks: bool = True, param_dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs):
+                 *, mixer=None, upsampler=None, scan_blocks: bool = True, precision: str | None = None,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         if upscale not in (2, 4):
             raise ValueError(f"upscale must be 2 or 4, got {upscale}")
-        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.precision = check_precision(precision)
+        dtype = compute_dtype(self.precision)
+        kw = dict(param_dtype=param_dtype, rngs=rngs) | ({} if dtype is None else {"dtype": dtype})
 
         def block(r: nnx.Rngs) -> ConverseBlock:
             return ConverseBlock(features, kernel_size, padding=padding, padding_mode=padding_mode, mixer=mixer,
-                                 param_dtype=param_dtype, rngs=r)
+                                 dtype=dtype, param_dtype=param_dtype, rngs=r)
 
         self.upscale = upscale
         self.conv_first = pointwise(in_channels, features, **kw)
@@ -66,7 +70,7 @@ class ConverseSRResNet(nnx.Module):
         for blk, up in zip(self.up_blocks, self.upsamplers, strict=False):
             h = gelu(apply_channels_first(up, blk.channels_first(h)))
         h = self.conv_last.channels_first(gelu(self.hr_block.channels_first(h)))
-        return jnp.moveaxis(h, 1, -1) + bilinear_upsample(x, self.upscale)
+        return (jnp.moveaxis(h, 1, -1) + bilinear_upsample(x, self.upscale)).astype(full_dtype(x))
 
 
 def torch_key_to_path(key: str) -> tuple:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from converse_jax.nn import BlockStack, ConverseBlock, block_key_to_path, gelu, linear_key_to_path, pointwise
+from converse_jax.nn.precision import check_precision, compute_dtype, full_dtype
 from converse_jax.ops import converse2d, converse2d_channels_first, lambda_from_bias
 
 KERNEL_SIZE = 7
@@ -19,8 +20,9 @@ DATA_EPS = 1e-3
 class KernelNet(nnx.Module):
     """MLP on the flattened blur kernel: k² -> 64 -> 64 -> 16·k² (GELU), reshaped to (B, k, k, 16)."""
 
-    def __init__(self, kernel_size: int = KERNEL_SIZE, *, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-        kw = dict(param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, kernel_size: int = KERNEL_SIZE, *, dtype: Any = None, param_dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.kernel_size = kernel_size
         self.fc1 = pointwise(kernel_size**2, 64, **kw)
         self.fc2 = pointwise(64, 64, **kw)
@@ -35,14 +37,18 @@ class KernelNet(nnx.Module):
 
 
 def data_step(x: jax.Array, kernels: jax.Array, lam: jax.Array, sf: int) -> jax.Array:
-    """USRNet's data module: the Converse2D solver with per-sample kernels (B, k, k, C), no padding."""
-    return converse2d(x, kernels, lam, scale=sf, padding=0)
+    """USRNet's data module: the Converse2D solver with per-sample kernels (B, k, k, C), no padding; in at
+    least float32 (bfloat16 ``x`` and kernels are cast up: XLA's FFTs take no bfloat16)."""
+    dtype = full_dtype(x)
+    return converse2d(x.astype(dtype), kernels.astype(dtype), lam, scale=sf, padding=0)
 
 
 def _data_step_channels_first(step: Any, x: jax.Array, kernels: jax.Array, lam: jax.Array, sf: int) -> jax.Array:
     """``step`` (channels-last, like :func:`data_step`) on channels-first ``x`` (B, C, H, W)."""
     if step is data_step:
-        return converse2d_channels_first(x, jnp.moveaxis(kernels, -1, 1), lam, scale=sf, padding=0)
+        dtype = full_dtype(x)
+        return converse2d_channels_first(x.astype(dtype), jnp.moveaxis(kernels, -1, 1).astype(dtype), lam,
+                                         scale=sf, padding=0)
     return jnp.moveaxis(step(jnp.moveaxis(x, 1, -1), kernels, lam, sf), -1, 1)
 
 
@@ -53,25 +59,32 @@ class ConverseUSRNet(nnx.Module):
     per-sample kernels for the data step (the same closed-form solver as Converse2D, λ = sigmoid(α - 9) +
     1e-3), followed by a prior of alpha blocks shared across iterations. Released: 307,987 parameters.
     ``prior`` is a :class:`~converse_jax.nn.BlockStack`; ``scan_blocks`` chooses its scan or unrolled loop.
+    ``precision``: ``"float32"`` or ``"bf16"`` (None: the default, :mod:`converse_jax.nn.precision`). The
+    data step, and KernelNet and the kernel convolutions that make its kernels, run in float32 either
+    way: bfloat16-rounded kernels cost the solver accuracy, and these layers work on 7x7 maps only.
     """
 
     def __init__(self, in_channels: int = 3, features: int = 64, num_blocks: int = 7, num_iterations: int = 5,
                  kernel_size: int = 3, padding: int = 2, padding_mode: str = "circular",
                  blur_kernel_size: int = KERNEL_SIZE, *, mixer=None, data_step=data_step,
-                 scan_blocks: bool = True, param_dtype: Any = jnp.float32,
+                 scan_blocks: bool = True, precision: str | None = None, param_dtype: Any = jnp.float32,
                  rngs: nnx.Rngs):
-        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.precision = check_precision(precision)
+        dtype = compute_dtype(self.precision)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.features = features
         self.blur_kernel_size = blur_kernel_size
         self.data_step = data_step
         self.data_alpha = nnx.Param(jnp.zeros((features,), param_dtype))
         self.prior = BlockStack(num_blocks, lambda r: ConverseBlock(
             features, kernel_size, padding=padding, padding_mode=padding_mode, alpha=True, mixer=mixer,
-            param_dtype=param_dtype, rngs=r), scan_blocks=scan_blocks, rngs=rngs)
+            dtype=dtype, param_dtype=param_dtype, rngs=r), scan_blocks=scan_blocks, rngs=rngs)
         self.conv1 = pointwise(in_channels, features, **kw)
         self.conv2 = pointwise(features, in_channels, **kw)
-        self.kernelnet = KernelNet(blur_kernel_size, **kw)
-        self.kernel_convs = nnx.List([pointwise(KERNEL_FEATURES, features, **kw) for _ in range(num_iterations)])
+        solver_kw = dict(param_dtype=param_dtype, rngs=rngs)  # the data step's kernels: float32 (see above)
+        self.kernelnet = KernelNet(blur_kernel_size, **solver_kw)
+        self.kernel_convs = nnx.List([pointwise(KERNEL_FEATURES, features, **solver_kw)
+                                      for _ in range(num_iterations)])
 
     def data_weight(self) -> jax.Array:
         """The per-channel third argument of ``data_step``: λ = sigmoid(α - 9) + 1e-3 from ``data_alpha``."""
@@ -89,7 +102,7 @@ class ConverseUSRNet(nnx.Module):
         for i, conv in enumerate(self.kernel_convs):
             h = _data_step_channels_first(self.data_step, h, conv(feats), lam, sf if i == 0 else 1)
             h = self.prior.channels_first(h)
-        return jnp.moveaxis(self.conv2.channels_first(h), 1, -1)
+        return jnp.moveaxis(self.conv2.channels_first(h), 1, -1).astype(full_dtype(x))
 
 
 def torch_key_to_path(key: str) -> tuple:

@@ -12,8 +12,17 @@ from converse_jax.nn.layers import (
                                     pointwise,
                                     softmax_kernel_init,
 )
+from converse_jax.nn.precision import (
+    PRECISIONS,
+    check_precision,
+    compute_dtype,
+    default_precision,
+    get_default_precision,
+    set_default_precision,
+)
 from converse_jax.nn.torch_names import block_key_to_path, linear_key_to_path
 
-__all__ = ["DEFAULT_KERNEL_INIT", "BlockStack", "ChannelLayerNorm", "Converse2D", "ConverseBlock", "Pointwise",
-           "apply_channels_first", "block_key_to_path", "gelu", "layer_norm", "linear_key_to_path", "pointwise",
-           "softmax_kernel_init"]
+__all__ = ["DEFAULT_KERNEL_INIT", "PRECISIONS", "BlockStack", "ChannelLayerNorm", "Converse2D", "ConverseBlock",
+           "Pointwise", "apply_channels_first", "block_key_to_path", "check_precision", "compute_dtype",
+           "default_precision", "gelu", "get_default_precision", "layer_norm", "linear_key_to_path", "pointwise",
+           "set_default_precision", "softmax_kernel_init"]

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from converse_jax.nn.layers import Converse2D, apply_channels_first, gelu, layer_norm, pointwise
+from converse_jax.nn.precision import full_dtype
 
 
 class ConverseBlock(nnx.Module):
@@ -20,15 +21,20 @@ class ConverseBlock(nnx.Module):
 
     Called on channels-last input (B, H, W, C); :meth:`channels_first` takes (B, C, H, W), which is what
     the networks use inside. The spatial mixer is a :class:`Converse2D` by default; ``mixer`` builds
-    another one (a depthwise convolution in the baselines) as ``mixer(channels, rngs=..., param_dtype=...)``.
+    another one (a depthwise convolution in the baselines) as ``mixer(channels, rngs=..., param_dtype=...)``,
+    with ``dtype=...`` too when ``dtype`` is set.
+
+    ``dtype`` is the compute dtype of its layers (None: the input's; bfloat16 in mixed precision, see
+    :mod:`converse_jax.nn.precision`). The residual stream (the block's input and output) is kept in at least
+    float32: a bfloat16 input is cast up before the first sum.
     """
 
     def __init__(self, channels: int, kernel_size: int = 3, *, padding: int = 2, padding_mode: str = "circular",
                  eps: float = 1e-5, alpha: bool = False,
-                 mixer: Callable[..., nnx.Module] | None = None, param_dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs):
+                 mixer: Callable[..., nnx.Module] | None = None, dtype: Any = None,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         hidden = 2 * channels
-        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        kw = dict(param_dtype=param_dtype, rngs=rngs) | ({} if dtype is None else {"dtype": dtype})
         self.norm1 = layer_norm(channels, **kw)
         self.pw1 = pointwise(channels, hidden, **kw)
         if mixer is None:
@@ -51,6 +57,7 @@ class ConverseBlock(nnx.Module):
 
     def channels_first(self, x: jax.Array) -> jax.Array:
         """(B, C, H, W) -> (B, C, H, W)."""
+        x = x.astype(full_dtype(x))
         h = self.pw1.channels_first(self.norm1.channels_first(x))
         h = self.pw2.channels_first(gelu(apply_channels_first(self.mixer, gelu(h))))
         x = x + (h if self.alpha1 is None else self.alpha1[...][:, None, None] * h)
@@ -136,6 +143,8 @@ class BlockStack(nnx.Module):
         def step(carry: jax.Array, xs: tuple[Any, Any]) -> tuple[jax.Array, Any]:
             return self._apply(graphdef, *xs, carry, method)
 
+        if self.num_blocks:  # the carry takes the blocks' output dtype (mixed precision: bfloat16 in, float32 out)
+            h = h.astype(jax.eval_shape(step, h, _slice((params, rest), 0))[0].dtype)
         return jax.lax.scan(step, h, (params, rest))
 
     def _unrolled(self, graphdef: Any, params: Any, rest: Any, h: jax.Array,

@@ -1,9 +1,11 @@
 """Convolution layers of the baselines (docs/architectures.md), channels-last.
 
 Every layer here initialises its weights with a truncated normal (std 0.02) and its biases with zeros,
-as the official baselines do. Kernels are cross-correlations (PyTorch's and flax's convention) except
-:func:`circular_conv_per_sample`, which is a true circular convolution aligned with
-:func:`converse_jax.ops.p2o`, i.e. the forward model that Converse2D inverts.
+as the official baselines do, and computes in its ``dtype`` (None: its input's; bfloat16 in mixed
+precision, :mod:`converse_jax.nn.precision`) with ``param_dtype`` parameters. Kernels are
+cross-correlations (PyTorch's and flax's convention) except :func:`circular_conv_per_sample`, which
+is a true circular convolution aligned with :func:`converse_jax.ops.p2o`, i.e. the forward model that
+Converse2D inverts.
 """
 
 from __future__ import annotations
@@ -35,14 +37,14 @@ def pad2d(x: jax.Array, before: int, after: int, padding_mode: str) -> jax.Array
 
 
 def conv2d(in_features: int, out_features: int, kernel_size: int = 3, *, use_bias: bool = True,
-           param_dtype: Any = jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
+           dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
     """A dense ``kernel_size`` convolution with zero "same" padding (PyTorch ``Conv2d(.., k, 1, k // 2)``)."""
     _check_positive("kernel_size", kernel_size)
     if kernel_size % 2 == 0:
         raise ValueError(f"conv2d needs an odd kernel_size for symmetric 'same' padding, got {kernel_size}")
     return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), padding=kernel_size // 2,
                     use_bias=use_bias, kernel_init=DEFAULT_KERNEL_INIT, bias_init=_ZEROS,
-                    param_dtype=param_dtype, rngs=rngs)
+                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 class DepthwiseConv(nnx.Module):
@@ -55,15 +57,15 @@ class DepthwiseConv(nnx.Module):
     """
 
     def __init__(self, channels: int, kernel_size: int = 3, *, padding: int | None = None,
-                 padding_mode: str = "circular", use_bias: bool = True, param_dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs):
+                 padding_mode: str = "circular", use_bias: bool = True, dtype: Any = None,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         _check_positive("channels", channels)
         _check_positive("kernel_size", kernel_size)
         self.padding = kernel_size // 2 if padding is None else _check_positive("padding", padding, 0)
         self.padding_mode = check_padding_mode(padding_mode)
         self.conv = nnx.Conv(channels, channels, (kernel_size, kernel_size), padding="VALID",
                              feature_group_count=channels, use_bias=use_bias, kernel_init=DEFAULT_KERNEL_INIT,
-                             bias_init=_ZEROS, param_dtype=param_dtype, rngs=rngs)
+                             bias_init=_ZEROS, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.conv(pad2d(x, self.padding, self.padding, self.padding_mode))
@@ -79,9 +81,10 @@ class DepthwiseConvTranspose(nnx.Module):
     """
 
     def __init__(self, channels: int, kernel_size: int = 5, *, stride: int = 1, padding: int = 2,
-                 use_bias: bool = True, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 use_bias: bool = True, dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         _check_positive("channels", channels)
         _check_positive("kernel_size", kernel_size)
+        self.dtype = dtype
         self.stride = _check_positive("stride", stride)
         self.padding = _check_positive("padding", padding, 0)
         if padding > kernel_size - 1:
@@ -93,6 +96,8 @@ class DepthwiseConvTranspose(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.kernel[...]
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
         size = k.shape[0]
         # Insert stride-1 zeros between samples, pad by k-1-p, cross-correlate with the flipped kernel.
         rhs = k[::-1, ::-1, None, :].astype(x.dtype)  # (k, k, 1, C): HWIO with one input per group
@@ -126,10 +131,10 @@ class ResizeConv(nnx.Module):
     """×``scale`` upsampler: nearest-neighbour upsampling followed by a :class:`DepthwiseConv`."""
 
     def __init__(self, channels: int, kernel_size: int = 3, *, scale: int = 2, padding_mode: str = "replicate",
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         self.scale = _check_positive("scale", scale)
-        self.conv = DepthwiseConv(channels, kernel_size, padding_mode=padding_mode, param_dtype=param_dtype,
-                                  rngs=rngs)
+        self.conv = DepthwiseConv(channels, kernel_size, padding_mode=padding_mode, dtype=dtype,
+                                  param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.conv(nearest_upsample(x, self.scale))

@@ -13,6 +13,7 @@ from typing import Any
 
 from converse_jax.degradations import parse_level_range
 from converse_jax.models import get_spec, list_models
+from converse_jax.nn.precision import PRECISIONS
 from converse_jax.train.errors import IncompatibleWorkdirError, TrainConfigError
 
 __all__ = [
@@ -38,7 +39,9 @@ class TrainConfig:
 
     Noise ranges (``sigma``, ``blur_noise``) are on the 0..255 scale. ``batch_size`` is the
     global batch (split over every device of every host). ``lr`` is multiplied by ``lr_decay``
-    at each step of ``lr_milestones``.
+    at each step of ``lr_milestones``. ``precision``: ``"float32"`` or ``"bf16"`` (mixed precision,
+    :mod:`converse_jax.nn.precision`); parameters, gradients, loss and optimizer state are float32
+    either way, so a run may change it when it resumes.
     """
 
     model: str
@@ -64,6 +67,7 @@ class TrainConfig:
     keep: int = 3
     num_workers: int = 0
     init_from: str | None = None
+    precision: str = "float32"
     model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     source: str = ""
 
@@ -90,6 +94,8 @@ class TrainConfig:
             raise TrainConfigError(f"--lr-milestones must be increasing positive steps, got {self.lr_milestones!r}")
         if self.loss not in ("l1", "l2"):
             raise TrainConfigError(f"--loss must be l1 or l2, got {self.loss!r}")
+        if self.precision not in PRECISIONS:
+            raise TrainConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("sigma", "blur_noise"):
             parse_range(getattr(self, name), name)
         if self.scale > 1 and self.patch_size % self.scale:

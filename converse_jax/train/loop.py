@@ -272,7 +272,7 @@ class _Setup:
 
 def _create_model(config: TrainConfig) -> nnx.Module:
     try:
-        return create(config.model, rngs=config.seed, **dict(config.model_kwargs))
+        return create(config.model, rngs=config.seed, precision=config.precision, **dict(config.model_kwargs))
     except TypeError as exc:
         raise TrainConfigError(f"--arch does not fit {config.model}: {exc}") from None
 

@@ -8,6 +8,12 @@ statistics, updated by the forward pass in training mode; empty for the paper's 
 :func:`full_state` joins them into the model's full state, which is what training checkpoints and
 converted weight checkpoints (:mod:`converse_jax.weights.checkpoint`) hold, so
 :func:`converse_jax.load_pretrained` loads a training checkpoint as it is.
+
+Mixed precision (a network built with ``precision="bf16"``) changes only the forward pass: the
+parameters are float32 (``param_dtype``) and cast where they are used, so their gradients, the Adam
+moments (``tx.init`` of the float32 parameters) and the checkpoints are float32, and
+:func:`loss_value` computes the loss in float32. No loss scaling is needed: bfloat16 has float32's
+exponent range.
 """
 
 from __future__ import annotations
