@@ -114,7 +114,8 @@ def add_tile_flags(p: argparse.ArgumentParser, whole_by_default: bool = False) -
     p.add_argument("--tile", type=int, metavar="N",
                    help=f"restore in overlapping N x N tiles (input pixels; 0 = whole image). Default: {default}")
     p.add_argument("--tile-overlap", type=int, default=DEFAULT_OVERLAP, metavar="M",
-                   help=f"input pixels shared by neighbouring tiles (default {DEFAULT_OVERLAP})")
+                   help=f"input pixels shared by neighbouring tiles (default {DEFAULT_OVERLAP}; "
+                        "the task's context margin can widen it)")
     p.add_argument("--tile-blend", choices=("crop", "window"), default="crop",
                    help="how overlaps are joined: centre crops (default) or a smooth window")
     if not whole_by_default:
