@@ -456,3 +456,17 @@ def test_large_restore_end_to_end_reports_memory_and_rate():
     assert r["mp_per_s_wall"] > 0 and r["restore_s"] is not None
     lines = R.format_lines({"runs": [r], "tiled_vs_whole": None})
     assert "peak RSS" in lines[-1] and "MP/s" in lines[-1]
+
+
+@pytest.mark.slow
+def test_tiled_vs_whole_counts_output_pixels():
+    require_asset("weights", "converse_dncnn.pth")
+    from benchmarks import restore_large as R
+
+    policy = {"warmup": 1, "min_repeats": 1, "max_repeats": 1, "budget_s": 0.0}
+    r = R.tiled_vs_whole("dncnn", 56, 32, policy, log=lambda m: None)
+    assert r["tiles"] == 4 and r["processed_over_image"] == pytest.approx(4 * 32 * 32 / 56**2)
+    for k in ("whole", "tiled"):
+        assert r[k]["mp_per_s"] == pytest.approx(56 * 56 / 1e6 / r[k]["median_s"])
+    assert r["ratio"] == pytest.approx(r["tiled"]["mp_per_s"] / r["whole"]["mp_per_s"])
+    assert "tiles of 32" in R.format_lines({"runs": [], "tiled_vs_whole": r})[-1]
