@@ -197,6 +197,7 @@ def run(nets: list[str], quick: bool, policy: dict[str, Any], size: tuple[int, i
         w, h = size or sizes[net]
         log(f"large restore {net}: {w}x{h} input, experiments.restore defaults")
         out["runs"].append(run_end_to_end(net, w, h, log=log, env=env))
+        log(format_lines({"runs": out["runs"][-1:]})[-1].strip())
     tv = TILED_VS_WHOLE["quick" if quick else "full"]
     try:
         out["tiled_vs_whole"] = tiled_vs_whole(nets[0], tv["image"], tv["tile"], policy, log)
