@@ -220,16 +220,16 @@ def format_lines(sec: dict[str, Any]) -> list[str]:
         lim = ""
         if "within_limit" in r:
             lim = f" (limit {r['rss_limit_bytes'] / 2**30:.0f} GiB: {'ok' if r['within_limit'] else 'EXCEEDED'})"
-        rest = (f", restore {r['restore_s']:.0f} s = {r['mp_per_s_restore']:.3f} MP/s"
+        rest = (f", restore {r['restore_s']:.0f} s = {r['mp_per_s_restore']:.3g} MP/s"
                 f" ({r['s_per_mp_restore']:.1f} s/MP)") if r.get("restore_s") else ""
         lines.append(f"{head}: {r['how']}; peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB{lim}; "
-                     f"wall {r['wall_s']:.0f} s = {r['mp_per_s_wall']:.3f} MP/s{rest}")
+                     f"wall {r['wall_s']:.0f} s = {r['mp_per_s_wall']:.3g} MP/s{rest}")
     tv = sec.get("tiled_vs_whole")
     if tv and "error" in tv:
         lines.append(f"  tiled vs whole: {tv['error']}")
     elif tv:
         lines.append(f"  tiled vs whole, {tv['net']} {tv['image']}x{tv['image']}, tiles of {tv['tile']} "
                      f"(overlap {tv['overlap']}, {tv['tiles']} tiles, {tv['processed_over_image']:.2f}x the pixels): "
-                     f"whole {tv['whole']['mp_per_s']:.3f} MP/s, tiled {tv['tiled']['mp_per_s']:.3f} MP/s, "
+                     f"whole {tv['whole']['mp_per_s']:.3g} MP/s, tiled {tv['tiled']['mp_per_s']:.3g} MP/s, "
                      f"ratio {tv['ratio']:.2f} (median of {tv['tiled']['runs']})")
     return lines
