@@ -69,20 +69,34 @@ def find_torch_python(explicit: str | None) -> tuple[str | None, str]:
 class TorchBaseline:
     """Runs baseline measurements in fresh processes of a torch-enabled interpreter."""
 
-    def __init__(self, python: str, timeout: float | None):
+    def __init__(self, python: str, timeout: float | None, reference: Path | None = None):
         self.python = python
         self.timeout = timeout
+        self.reference = reference  # a checkout of the official code (benchmarks.official), or None
+        self.official_info: dict[str, Any] = {}
         # A shared CPU makes OpenMP's spinning barriers very slow; sleeping waits give torch its
         # best numbers here. A value set by the user wins.
         self.env = _subprocess_env({"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")})
         self.info: dict[str, Any] = {}
         self.device = "cpu"  # "cuda" when the JAX side runs on a GPU
 
-    def run(self, section: str, case: dict[str, Any], policy: dict[str, Any]) -> dict[str, Any]:
-        req = json.dumps({"section": section, "case": case, "policy": policy, "device": self.device})
-        out = _run_json([self.python, "-m", "benchmarks.torch_worker", req], self.env, self.timeout)
+    def run(self, section: str, case: dict[str, Any], policy: dict[str, Any], official: bool = False) -> dict[str, Any]:
+        """One measurement of our baseline, or with ``official`` of the official code in ``self.reference``."""
+        req: dict[str, Any] = {"section": section, "case": case, "policy": policy, "device": self.device}
+        if official:
+            if self.reference is None:
+                return {}
+            req["reference"] = str(self.reference)
+        out = _run_json([self.python, "-m", "benchmarks.torch_worker", json.dumps(req)], self.env, self.timeout)
         if "env" in out:
-            self.info = dict(out.pop("env"), OMP_WAIT_POLICY=self.env["OMP_WAIT_POLICY"], python=self.python)
+            env = dict(out.pop("env"), OMP_WAIT_POLICY=self.env["OMP_WAIT_POLICY"], python=self.python)
+            if official:
+                self.official_info.setdefault("weights", {})
+                if "weights" in env:
+                    self.official_info["weights"][case.get("net", "?")] = env.pop("weights")
+                self.official_info.update(env)
+            else:
+                self.info = env
         return out
 
 
@@ -98,9 +112,11 @@ def jax_subprocess(section: str, case: dict[str, Any], policy: dict[str, Any],
 # ----------------------------------------------------------------------------- report rows
 
 def _row(section: str, name: str, mode: str, shape: str, unit: str, ours: dict | None, torch: dict | None,
-         impl: str = "ours", note: str = "") -> dict[str, Any]:
+         impl: str = "ours", note: str = "", official: dict | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {"section": section, "name": name, "mode": mode, "shape": shape, "impl": impl,
-                           "unit": unit, "ours": ours, "torch": torch}
+                           "unit": unit, "ours": ours, "torch": torch, "official": official}
+    if ours and official and "median_s" in ours and "median_s" in official:
+        row["speedup_official"] = official["median_s"] / ours["median_s"]
     if ours and torch and "median_s" in ours and "median_s" in torch:
         row["speedup"] = torch["median_s"] / ours["median_s"]
         target = C.TARGETS.get((section, mode if section == "op" else None))
@@ -131,9 +147,10 @@ def _error(out: dict[str, Any] | None) -> str:
 
 def run_suite(*, sections: list[str], quick: bool, torch: TorchBaseline | None, torch_note: str,
               torch_memory: bool = False, alt: bool = False, nets: list[str] | None = None,
-              policy: dict[str, Any] | None = None,
+              policy: dict[str, Any] | None = None, large_size: tuple[int, int] | None = None,
               log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the requested sections and return the report (a JSON-ready dict)."""
+    """Run the requested sections and return the report (a JSON-ready dict). ``large_size``: the
+    input (width, height) of the ``large`` section instead of each network's default."""
     from benchmarks import jax_bench as J
 
     policy = dict(policy or (QUICK_POLICY if quick else DEFAULT_POLICY))
@@ -153,7 +170,14 @@ def run_suite(*, sections: list[str], quick: bool, torch: TorchBaseline | None, 
 
         log("micro: component timings")
         report["micro"] = micro.run(quick=quick, policy=policy, log=log)
+    if "large" in sections:
+        from benchmarks import restore_large
+
+        report["large"] = restore_large.run(nets or list(C.NETWORKS), quick, policy, large_size,
+                                            env=_subprocess_env(), log=log)
     report["meta"]["torch"] = torch.info if torch else None
+    report["meta"]["official"] = (dict(torch.official_info, path=str(torch.reference))
+                                  if torch and torch.reference else None)
     report["meta"]["load_average_end"] = _loadavg()
     return report
 
@@ -189,11 +213,13 @@ def _op_section(report: dict[str, Any], quick: bool, torch: TorchBaseline | None
     for case in C.op_cases(quick):
         log(f"op {case['name']}: {_op_shape(case)}")
         base = torch.run("op", case, policy) if torch else {}
+        off = torch.run("op", case, policy, official=True) if torch else {}
         for impl_name, impl in impls.items():
             ours = _guarded(lambda impl=impl, case=case: J.run_op(case, policy, impl))
             for mode in ("fwd", "fwd+bwd"):
+                note = _error(ours) or _error(base) or (f"official: {_error(off)}" if _error(off) else "")
                 report["results"].append(_row("op", case["name"], mode, _op_shape(case), "s", ours.get(mode),
-                                              base.get(mode), impl=impl_name, note=_error(ours) or _error(base)))
+                                              base.get(mode), impl=impl_name, note=note, official=off.get(mode)))
 
 
 def _net_section(report: dict[str, Any], section: str, quick: bool, torch: TorchBaseline | None,
@@ -213,9 +239,11 @@ def _net_section(report: dict[str, Any], section: str, quick: bool, torch: Torch
             results[impl] = ({"error": models_missing} if models_missing
                              else _guarded(lambda impl=impl, case=case: run(case, policy, impl)))
         base = torch.run(section, case, policy) if torch else {}
+        off = torch.run(section, case, policy, official=True) if torch else {}
         for impl, ours in results.items():
+            note = _error(ours) or _error(base) or (f"official: {_error(off)}" if _error(off) else "")
             report["results"].append(_row(section, case["net"], section, _net_shape(case), unit, ours.get(section),
-                                          base.get(section), impl=impl, note=_error(ours) or _error(base)))
+                                          base.get(section), impl=impl, note=note, official=off.get(section)))
 
 
 def _memory_section(quick: bool, torch: TorchBaseline | None, policy: dict[str, Any],
@@ -284,6 +312,10 @@ def format_table(report: dict[str, Any]) -> str:
     """A readable plain-text summary of the report."""
     lines = _header_lines(report["meta"]) + _result_lines(report["results"])
     lines += _memory_lines(report.get("memory") or {})
+    if report.get("large"):
+        from benchmarks import restore_large
+
+        lines += restore_large.format_lines(report["large"])
     if report.get("micro"):
         lines += ["", "components (JAX, median):"]
         for m in report["micro"]:
@@ -302,15 +334,22 @@ def _header_lines(meta: dict[str, Any]) -> list[str]:
     t = meta.get("torch")
     lines.append(f"baseline: torch {t['torch_version']} on {t.get('device', 'cpu')} threads={t['torch_threads']} "
                  f"OMP_WAIT_POLICY={t['OMP_WAIT_POLICY']}" if t else f"baseline: none ({meta.get('torch_note')})")
+    o = meta.get("official")
+    if o:
+        weights = ", ".join(f"{k}: {v}" for k, v in (o.get("weights") or {}).items()) or "none loaded"
+        lines.append(f"official: {o['path']} (torch {o.get('torch_version', '?')}, threads "
+                     f"{o.get('torch_threads', '?')}; weights {weights})")
     lines.append(f"load average: start {meta.get('load_average_start')} end {meta.get('load_average_end')}"
                  "  (median of runs after warm-up)")
     return lines
 
 
 def _result_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """The table of timed rows (op, infer, train) with ratios and targets."""
+    """The table of timed rows (op, infer, train) with ratios and targets; with the official code's
+    column and our ratio against it when it was timed."""
+    off = any(r.get("official") is not None for r in rows)
     header = f"{'section':<7} {'case':<12} {'mode':<8} {'impl':<8} {'shape':<38} {'ours':>11} {'torch':>11} " \
-             f"{'ratio':>7}  target"
+             f"{'ratio':>7}" + (f" {'official':>11} {'ratio':>7}" if off else "") + "  target"
     lines = ["", header, "-" * len(header)] if rows else []
     for r in rows:
         unit = r["unit"]
@@ -318,12 +357,16 @@ def _result_lines(rows: list[dict[str, Any]]) -> list[str]:
         tgt = ""
         if "target" in r:
             tgt = f">={r['target']:.0f}x {'ok' if r['meets_target'] else 'MISSED'}"
+        extra = ""
+        if off:
+            r_off = f"{r['speedup_official']:.1f}x" if "speedup_official" in r else "-"
+            extra = f" {_fmt_time(r.get('official'), unit):>11} {r_off:>7}"
         lines.append(f"{r['section']:<7} {r['name']:<12} {r['mode']:<8} {r['impl']:<8} {r['shape']:<38} "
-                     f"{_fmt_time(r['ours'], unit):>11} {_fmt_time(r['torch'], unit):>11} {ratio:>7}  {tgt}"
+                     f"{_fmt_time(r['ours'], unit):>11} {_fmt_time(r['torch'], unit):>11} {ratio:>7}{extra}  {tgt}"
                      + (f"  [{r['note']}]" if r.get("note") else ""))
-    if any(r["unit"] != "s" for r in rows):
-        lines.append("(op: median time per call; infer: images/s; train: steps/s; ratio: how many times "
-                     "faster than torch)")
+    if rows:
+        lines.append("(op: median time per call; infer: images/s; train: steps/s; ratio: how many times faster "
+                     "ours is than torch" + (" / than the official code" if off else "") + ")")
     return lines
 
 

@@ -2,12 +2,19 @@
 
     python -m experiments.benchmark [--quick] [--only=op,infer,train,memory] [--nets=LIST] [--json=FILE]
         [--no-torch] [--torch-python=PY] [--torch-memory] [--alt] [--repeats=N] [--budget=SECONDS]
+        [--reference=PATH] [--large-size=WxH]
 
 The baseline is the paper's Algorithm 1 as published, written in PyTorch in
 benchmarks/torch_ref.py. It runs in a separate process of an interpreter that has torch:
 this one if torch is importable, else --torch-python or $CONVERSE_TORCH_PYTHON. Every figure
 is the median of several runs after a warm-up. --only=micro adds component timings
 (GELU, 1x1 convolution, FFT layout, kernel spectrum) behind the optimisation notes.
+
+--reference=PATH adds a third column: the official PyTorch code (a checkout of cszn/ConverseNet,
+never part of this project) timed on the same shapes and inputs, its networks with their
+released weights (benchmarks/official.py). --only=large restores a large generated image per
+network with `python -m experiments.restore` and its defaults, reporting peak memory and
+megapixels per second, and tiled against whole-image throughput (benchmarks/restore_large.py).
 """
 
 from __future__ import annotations
@@ -44,7 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-timeout", type=float, default=3600.0, metavar="SECONDS",
                    help="give up on one baseline measurement after this long (default 3600)")
     _cli.add_precision_flag(p)
+    _add_reference_flags(p)
     return p
+
+
+def _add_reference_flags(p: argparse.ArgumentParser) -> None:
+    """The official-code baseline and the large-restore section's flags."""
+    p.add_argument("--reference", metavar="PATH",
+                   help="a checkout of the official code (git clone https://github.com/cszn/ConverseNet "
+                        "third_party/ConverseNet): also time its Converse2D and networks")
+    p.add_argument("--large-size", metavar="WxH",
+                   help="input size of the 'large' section for every network (default: per network, "
+                        "x4 SR 1000x750 -> 4000x3000)")
 
 
 def parse_sections(text: str) -> list[str]:
@@ -87,20 +105,38 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--budget must be non-negative, got {args.budget}")
         policy["budget_s"] = args.budget
 
+    reference, large_size = _reference_options(args, sections)
     torch = None
     note = "disabled by --no-torch"
     if not args.no_torch and any(s in sections for s in ("op", "infer", "train", "memory")):
         python, note = suite.find_torch_python(args.torch_python)
         if python is not None:
-            torch = suite.TorchBaseline(python, args.torch_timeout)
+            torch = suite.TorchBaseline(python, args.torch_timeout, reference=reference)
+        elif reference is not None:
+            raise ValueError(f"--reference needs torch to run the official code: {note}")
     report = suite.run_suite(sections=sections, quick=args.quick, torch=torch, torch_note=note,
                              torch_memory=args.torch_memory, alt=args.alt, nets=nets, policy=policy,
-                             log=lambda m: print(f"... {m}", file=sys.stderr, flush=True))
+                             large_size=large_size, log=lambda m: print(f"... {m}", file=sys.stderr, flush=True))
     print(suite.format_table(report))
     if json_path is not None:
         suite.write_json_atomic(report, json_path)
         print(f"wrote {json_path}", file=sys.stderr)
     return 0
+
+
+def _reference_options(args: argparse.Namespace, sections: list[str]) -> tuple[Path | None, tuple[int, int] | None]:
+    """The checked --reference checkout and the parsed --large-size (None when not given)."""
+    from benchmarks import official, restore_large
+
+    reference = None
+    if args.reference is not None:
+        if args.no_torch:
+            raise ValueError("--reference runs the official PyTorch code: drop --no-torch")
+        reference = official.check_reference(args.reference)
+    size = restore_large.parse_size(args.large_size) if args.large_size is not None else None
+    if size is not None and "large" not in sections:
+        raise ValueError("--large-size applies to the 'large' section: add it to --only")
+    return reference, size
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -308,3 +308,165 @@ def test_json_write_is_atomic(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
     write_json_atomic({"new": 2}, path)
     assert json.loads(path.read_text()) == {"new": 2}
+
+
+# ----------------------------------------------------------------------------- the official code
+
+def _reference_checkout():
+    """The official code's checkout ($CONVERSE_REFERENCE, else third_party/ConverseNet), or skip saying
+    how to get it."""
+    import os
+    from pathlib import Path
+
+    from benchmarks import official
+
+    path = Path(os.environ.get("CONVERSE_REFERENCE") or Path(__file__).resolve().parent.parent / "third_party" /
+                "ConverseNet")
+    try:
+        return official.check_reference(path)
+    except official.CheckoutError:
+        pytest.skip(f"no checkout of the official code at {path}: `{official.CLONE_HINT}` "
+                    "(or set CONVERSE_REFERENCE) to run this test")
+
+
+# k 2 s 2 replicate (the one-cell path in ours); s 1 circular (the FFT path)
+@pytest.mark.parametrize("index", [1, pytest.param(0, marks=pytest.mark.slow)])
+def test_official_operator_computes_what_we_time(T, index, tmp_path, x64):
+    """The official Converse2D as the benchmark runs it gives our PyTorch baseline's output, and ours
+    (JAX) agrees with it in float64 and, in float32, within the official code's own float32 error."""
+    import jax.numpy as jnp
+
+    from benchmarks.suite import TorchBaseline
+    from converse_jax.ops import converse2d_channels_first, lambda_from_bias
+
+    ref = _reference_checkout()
+    case = C.op_cases(True)[index]
+    base = TorchBaseline(sys.executable, timeout=300, reference=ref)
+    outs = {}
+    for official in (True, False):
+        out = tmp_path / f"{official}.npz"
+        res = base.run("op_output", dict(case, out=str(out)), {}, official=official)
+        assert "error" not in res, res
+        outs[official] = np.load(out)
+    assert base.official_info["reference"] == str(ref)
+    off32, off64 = outs[True]["float32"], outs[True]["float64"]
+    scale = np.abs(off64).max()
+    assert off32.shape == (case["B"], case["C"], case["H"] * case["scale"], case["W"] * case["scale"])
+    np.testing.assert_allclose(outs[False]["float64"], off64, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(outs[False]["float32"], off32, rtol=0, atol=1e-6 * scale)
+    d = C.op_inputs(case)
+    ours = {}
+    for dtype in ("float32", "float64"):
+        dd = {k: jnp.asarray(v.astype(dtype)) for k, v in d.items()}
+        ours[dtype] = np.asarray(converse2d_channels_first(
+            dd["x"], dd["kernel"], lambda_from_bias(dd["bias"], case["eps"]), scale=case["scale"],
+            padding=case["padding"], padding_mode=case["padding_mode"]))
+    assert ours["float64"].dtype == np.float64
+    np.testing.assert_allclose(ours["float64"], off64, rtol=0, atol=1e-9 * scale)
+    official_f32_error = np.abs(off32 - off64).max()
+    assert np.abs(ours["float32"] - off32).max() <= 2 * official_f32_error + 1e-5 * scale
+
+
+@pytest.mark.slow
+def test_official_network_reproduces_released_golden(T):
+    """The official Converse-DnCNN, built and loaded as the benchmark does, gives the golden output
+    (which the official code produced): the network timed is the released one."""
+    import torch
+
+    from benchmarks import official
+
+    ref = _reference_checkout()
+    if not (ref / "model_zoo" / "converse_dncnn.pth").is_file():
+        pytest.skip(f"{ref}/model_zoo/converse_dncnn.pth is missing (the checkout's released weights)")
+    entry = next(m for m in _index()["models"] if m["checkpoint"] == "converse_dncnn.pth")
+    d = np.load(require_asset("golden", entry["file"]))
+    net, weights = official.build_network(ref, "dncnn")
+    assert weights == "model_zoo/converse_dncnn.pth"
+    with torch.no_grad():
+        y = official.call_network(net.eval(), "dncnn", {"x": torch.from_numpy(d["input0"])}).numpy()
+    assert np.abs(y - d["y_f32"]).max() <= 1e-5 * np.abs(d["y_f32"]).max()
+
+
+def test_check_reference_names_what_is_missing(tmp_path):
+    from benchmarks import official
+
+    with pytest.raises(official.CheckoutError, match="git clone https://github.com/cszn/ConverseNet"):
+        official.check_reference(tmp_path / "nope")
+    with pytest.raises(official.CheckoutError, match="util_converse.py is missing"):
+        official.check_reference(tmp_path)
+    for rel, needle in official.SIGNATURE.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(f"{needle}(nn.Module):\n")
+    assert official.check_reference(tmp_path) == tmp_path.resolve()
+    (tmp_path / "models" / "converse_dncnn.py").write_text("x = 1\n")
+    with pytest.raises(official.CheckoutError, match="class ConverseDnCNN"):
+        official.check_reference(tmp_path)
+
+
+def test_cli_rejects_missing_reference(tmp_path, capsys):
+    rc, _, err = _cli(["--quick", "--only=op", f"--reference={tmp_path / 'ConverseNet'}"], capsys)
+    assert rc == 2 and "git clone https://github.com/cszn/ConverseNet" in err and "Traceback" not in err
+    rc, _, err = _cli(["--quick", "--only=op", "--no-torch", f"--reference={tmp_path}"], capsys)
+    assert rc == 2 and "--no-torch" in err
+
+
+def test_result_table_shows_official_column():
+    from benchmarks.suite import _result_lines, _row
+
+    row = _row("op", "dncnn-256", "fwd", "B1", "s", {"median_s": 0.1}, {"median_s": 0.5},
+               official={"median_s": 0.6})
+    assert row["speedup"] == pytest.approx(5.0) and row["speedup_official"] == pytest.approx(6.0)
+    lines = _result_lines([row])
+    assert "official" in lines[1] and "6.0x" in lines[3] and "than the official code" in lines[-1]
+    assert "official" not in _result_lines([_row("op", "a", "fwd", "B1", "s", {"median_s": 1.0}, None)])[1]
+
+
+# ----------------------------------------------------------------------------- large restoration
+
+def test_large_size_and_image():
+    from benchmarks import restore_large as R
+
+    assert R.parse_size("1000x750") == (1000, 750)
+    for bad in ("1000", "4x750", "axb"):
+        with pytest.raises(ValueError, match="--large-size"):
+            R.parse_size(bad)
+    a = R.test_image(70, 40, 3)
+    assert a.shape == (40, 70, 3) and a.dtype == np.uint8 and a.std() > 10
+    np.testing.assert_array_equal(a, R.test_image(70, 40, 3))
+    assert R.LARGE_INPUT["full"]["srresnet"] == (1000, 750)  # the issue's 4000x3000 output
+
+
+def test_cli_large_size_needs_large_section(capsys):
+    rc, _, err = _cli(["--quick", "--only=op", "--no-torch", "--large-size=64x48"], capsys)
+    assert rc == 2 and "--only" in err
+
+
+@pytest.mark.slow
+def test_large_restore_end_to_end_reports_memory_and_rate():
+    """A small image through `python -m experiments.restore` with its defaults: the child's peak RSS
+    and the rate are measured, the output size is the network's."""
+    require_asset("weights", "converse_dncnn.pth")
+    from benchmarks import restore_large as R
+    from benchmarks.suite import _subprocess_env
+
+    r = R.run_end_to_end("dncnn", 64, 48, env=_subprocess_env(), log=lambda m: None)
+    assert "error" not in r, r
+    assert r["output"] == [64, 48] and r["how"] == "whole image"
+    assert 50 * 2**20 < r["peak_rss_bytes"] < 8 * 2**30  # a JAX process, not this one's or zero
+    assert r["mp_per_s_wall"] > 0 and r["restore_s"] is not None
+    lines = R.format_lines({"runs": [r], "tiled_vs_whole": None})
+    assert "peak RSS" in lines[-1] and "MP/s" in lines[-1]
+
+
+@pytest.mark.slow
+def test_tiled_vs_whole_counts_output_pixels():
+    require_asset("weights", "converse_dncnn.pth")
+    from benchmarks import restore_large as R
+
+    policy = {"warmup": 1, "min_repeats": 1, "max_repeats": 1, "budget_s": 0.0}
+    r = R.tiled_vs_whole("dncnn", 56, 32, policy, log=lambda m: None)
+    assert r["tiles"] == 4 and r["processed_over_image"] == pytest.approx(4 * 32 * 32 / 56**2)
+    for k in ("whole", "tiled"):
+        assert r[k]["mp_per_s"] == pytest.approx(56 * 56 / 1e6 / r[k]["median_s"])
+    assert r["ratio"] == pytest.approx(r["tiled"]["mp_per_s"] / r["whole"]["mp_per_s"])
+    assert "tiles of 32" in R.format_lines({"runs": [], "tiled_vs_whole": r})[-1]
