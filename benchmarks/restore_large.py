@@ -175,7 +175,7 @@ def tiled_vs_whole(net: str, image: int, tile: int, policy: dict[str, Any],
     kernel = C.blur_kernels(1)[0] if spec.task.takes_kernel else None
     scale = int(spec.scale)
     out_mp = (image * scale) ** 2 / 1e6
-    plan = plan_tiles(image, image, tile, E.DEFAULT_OVERLAP)
+    plan = plan_tiles(image, image, tile, E.DEFAULT_OVERLAP, spec.task.tile_context)
     res: dict[str, Any] = {"net": net, "image": image, "tile": tile, "overlap": E.DEFAULT_OVERLAP,
                            "tiles": plan.count, "processed_over_image": plan.count * tile * tile / image**2}
     for name, t in (("whole", 0), ("tiled", tile)):

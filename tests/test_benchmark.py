@@ -464,9 +464,10 @@ def test_tiled_vs_whole_counts_output_pixels():
     from benchmarks import restore_large as R
 
     policy = {"warmup": 1, "min_repeats": 1, "max_repeats": 1, "budget_s": 0.0}
-    r = R.tiled_vs_whole("dncnn", 56, 32, policy, log=lambda m: None)
-    assert r["tiles"] == 4 and r["processed_over_image"] == pytest.approx(4 * 32 * 32 / 56**2)
+    r = R.tiled_vs_whole("dncnn", 160, 96, policy, log=lambda m: None)
+    # 96-px tiles keep a 64-px core (DnCNN's 16-px context on each side): 3 x 3 tiles cover 160 x 160
+    assert r["tiles"] == 9 and r["processed_over_image"] == pytest.approx(9 * 96 * 96 / 160**2)
     for k in ("whole", "tiled"):
-        assert r[k]["mp_per_s"] == pytest.approx(56 * 56 / 1e6 / r[k]["median_s"])
+        assert r[k]["mp_per_s"] == pytest.approx(160 * 160 / 1e6 / r[k]["median_s"])
     assert r["ratio"] == pytest.approx(r["tiled"]["mp_per_s"] / r["whole"]["mp_per_s"])
-    assert "tiles of 32" in R.format_lines({"runs": [], "tiled_vs_whole": r})[-1]
+    assert "tiles of 96" in R.format_lines({"runs": [], "tiled_vs_whole": r})[-1]
