@@ -3,7 +3,7 @@
     python -m benchmarks.deploy_speed --model=dncnn --size=256 --onnx=dft:a.onnx,matmul:b.onnx [--repeats=7]
 
 The ONNX files are written beforehand (``python -m experiments.export --format=onnx --fft=...``, with the
-same network, released weights unless ``--arch``/``--weights``, batch 1); the StableHLO module is exported
+same network and weights: the released ones unless ``--weights``; batch 1); the StableHLO module is exported
 here. Each variant is first checked against the library (largest absolute difference, which the deployment
 guide requires below 1e-4), then all are timed round-robin, one call of each per round, so that a change of
 load on a shared machine affects all alike; the medians after one warm-up round are printed as ratios to the
@@ -39,14 +39,10 @@ def _variants(args: argparse.Namespace) -> tuple[dict[str, Callable[[], Any]], l
     import jax
     import onnxruntime as ort
 
+    from converse_jax import evaluation as E
     from converse_jax import export as X
-    from experiments import export as cli
 
-    extra = [f"--arch={args.arch}"] if args.arch else []
-    extra += [f"--weights={args.weights}"] if args.weights else []
-    parsed = cli.build_parser().parse_args([f"--model={args.model}", "--format=stablehlo", f"--height={args.size}",
-                                            f"--width={args.size}", "--out=unused", *extra])
-    model, spec, _, _ = cli.load(parsed)
+    model, spec = E.load_model(args.model, args.weights)
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (1, args.size, args.size, spec.in_channels)).astype(np.float32)
     inputs, batch = [x], {"input": x}
@@ -97,8 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--size", type=int, required=True, help="square image size the ONNX files were exported for")
     p.add_argument("--onnx", default="", help="LABEL:PATH,... ONNX artifacts of this network and size")
-    p.add_argument("--arch", default=None)
-    p.add_argument("--weights", default=None)
+    p.add_argument("--weights", default=None, help="checkpoint the ONNX files were exported with (default: released)")
     p.add_argument("--repeats", type=int, default=7)
     return run(p.parse_args(argv))
 

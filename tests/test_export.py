@@ -188,6 +188,28 @@ def test_realify_matmul_shares_one_matrix_per_size():
     assert shapes == [(5, 8)] * 2 + [(8, 5)] * 2 + [(8, 8)] * 4, shapes
 
 
+def test_realify_gathers_outer_products_as_takes(monkeypatch):
+    from converse_jax.export import realify as R
+    from converse_jax.export.realify import realify
+
+    # Index grids above the fold limit (large images) are still computed at export time: they are integral.
+    monkeypatch.setattr(R, "FOLD_LIMIT", 16)
+
+    ih, iw = np.array([2, 1, 0, 1, 2, 3, 2]), np.array([4, 0, 1, 2, 3, 4, 0, 1])  # padding-like indices
+
+    def fn(x):
+        return (x[..., ih[:, None], iw[None, :]],  # channels-first padding (index axes last)
+                x[:, ih[:, None], iw[None, :], :],  # channels-last
+                x[..., np.array([[0, 1], [2, 3]]), np.array([[1, 1], [0, 2]])])  # not an outer product
+
+    x = np.random.default_rng(0).normal(size=(2, 4, 5, 5)).astype(np.float32)
+    real_fn = realify(fn, x)
+    index_ranks = [e.invars[1].aval.ndim for e in jax.make_jaxpr(real_fn)(x).jaxpr.eqns if e.primitive.name == "gather"]
+    assert index_ranks == [3], index_ranks  # only the last stays a gather with a 2-D grid of index pairs
+    for got, want in zip(jax.jit(real_fn)(x), fn(x), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_realify_rejects_unknown_fft_mode():
     from converse_jax.export.realify import realify
 

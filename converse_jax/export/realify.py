@@ -4,14 +4,19 @@ numbers or 2-D FFTs (ONNX).
 :func:`realify` evaluates the function's jaxpr equation by equation:
 
 - equations whose inputs are all known at export time (weights, constants) and whose outputs are small
-  (:data:`FOLD_LIMIT`) are computed once and become constants; larger ones, such as the Converse2D
-  filters ``G`` (one value per pixel and channel), stay in the graph, computed from the weights;
+  (:data:`FOLD_LIMIT`) or integral (index arrays) are computed once and become constants; larger
+  floating-point ones, such as the Converse2D filters ``G`` (one value per pixel and channel), stay in the
+  graph, computed from the weights;
+- a gather whose constant indices are the outer product of 1-D index vectors (Converse2D's padding)
+  becomes one 1-D take per axis, and large constants enter the graph once per distinct value
+  (:data:`SHARE_MIN`);
 - complex values of the data path are carried as (real, imaginary) pairs (:class:`Cplx`), and the
   primitives that touch them are applied to the parts;
 - each FFT (2-D real, inverse real and complex) becomes, with ``fft="matmul"``, products with DFT
   matrices over its axes (``x @ E``), constants of size n×n (n×(n//2+1) on the real axis), one
-  array per size shared by every FFT of that size; with ``fft="dft"``, a sequence of 1-D FFTs
-  (real, complex, inverse real) over the last axis, which the ONNX exporter writes as ``DFT`` nodes;
+  array per size shared by every FFT of that size; with ``fft="dft"``, one 1-D DFT per axis
+  (:data:`dft_p`, on tensors with the real and imaginary parts packed in a last axis of 2), which the
+  ONNX exporter writes as ``DFT`` nodes;
 - ``jax.lax.platform_dependent`` branches take their default (non-CPU) branch, ``jit`` and custom
   derivative calls are inlined, and ``scan`` is unrolled.
 
@@ -381,7 +386,9 @@ def _apply(eqn: Any, ins: list[Any]) -> list[Any]:
         return _scan(ins, params)
     shapes = [getattr(v.aval, "shape", ()) for v in eqn.outvars]
     static = all(isinstance(d, int) for shape in shapes for d in shape)
-    if static and sum(int(np.prod(shape)) for shape in shapes) <= FOLD_LIMIT and not any(_traced(v) for v in ins):
+    small = sum(int(np.prod(shape)) for shape in shapes) <= FOLD_LIMIT
+    integral = all(jnp.issubdtype(v.aval.dtype, jnp.integer) or v.aval.dtype == bool for v in eqn.outvars)
+    if static and (small or integral) and not any(_traced(v) for v in ins):
         with jax.ensure_compile_time_eval():
             out = prim.bind(*ins, **params)
         return list(out) if prim.multiple_results else [out]
