@@ -52,7 +52,9 @@ def _variants(args: argparse.Namespace) -> tuple[dict[str, Callable[[], Any]], l
         batch["kernel"] = inputs[1]
     lib = jax.jit(lambda b: spec.task.forward(model, b))
     ref = np.asarray(lib(batch))
-    exported = jax.export.deserialize(X.export_stablehlo(model, spec, X.ExportSpec(args.size, args.size)).serialize())
+    blob = X.export_stablehlo(model, spec, X.ExportSpec(args.size, args.size)).serialize()
+    print(f"stablehlo: {len(blob) / 2**20:.2f} MiB serialized", flush=True)
+    exported = jax.export.deserialize(blob)
     hlo = jax.jit(exported.call)
     calls: dict[str, Callable[[], Any]] = {
         "library": lambda: lib(batch).block_until_ready(),
@@ -60,6 +62,7 @@ def _variants(args: argparse.Namespace) -> tuple[dict[str, Callable[[], Any]], l
     }
     for item in args.onnx.split(",") if args.onnx else []:
         label, path = item.split(":", 1)
+        print(f"onnx-{label}: {Path(path).stat().st_size / 2**20:.2f} MiB", flush=True)
         sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         feeds = {i.name: a for i, a in zip(sess.get_inputs(), inputs, strict=True)}
         calls[f"onnx-{label}"] = lambda s=sess, f=feeds: s.run(None, f)[0]

@@ -2,7 +2,7 @@
 
     python -m experiments.export --model=NAME --format=stablehlo|onnx --height=H --width=W --out=PATH
         [--weights=PATH | --arch=K=V,... [--seed=N]] [--batch=B] [--sf=1] [--platforms=cpu,cuda]
-        [--fft=dft|matmul] [--opset=N] [--overwrite]
+        [--fft=matmul|dft] [--opset=N] [--overwrite]
 
 The artifact computes the network's task forward for NHWC float32 images in [0, 1] of exactly
 H x W pixels (the Converse2D FFT sizes depend on them); non-blind networks (usrnet) take a second
@@ -39,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--platforms", default="cpu", help="StableHLO: comma-separated lowering platforms "
                                                       "(cpu, cuda, rocm, tpu; default cpu)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's, 23)")
-    p.add_argument("--fft", choices=("dft", "matmul"), default=None,
-                   help="ONNX only: the 2-D FFTs as 1-D DFT nodes (default, opset >= 20) or as products with "
-                        "DFT matrices (constants); docs/deploy.md compares their speed")
+    p.add_argument("--fft", choices=("matmul", "dft"), default=None,
+                   help="ONNX only: the 2-D FFTs as products with DFT matrices (default; constants) or as 1-D "
+                        "DFT nodes (opset >= 20, no constants); docs/deploy.md compares their speed")
     # --precision (bf16 mixed precision) goes here once models take a `precision` argument: see load().
     p.add_argument("--out", required=True, help="artifact path (.stablehlo / .onnx); PATH.json is written too")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

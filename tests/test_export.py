@@ -104,7 +104,7 @@ def test_cli_stablehlo_writes_artifact_and_description(tmp_path, capsys):
     (["--height=0"], "height must be a positive integer"),
     (["--model=dncnn", "--sf=2"], "sf applies to non-blind models only"),
     (["--fft=dft"], "apply to --format=onnx only"),
-    (["--format=onnx", "--opset=18"], "needs opset 20 or later"),
+    (["--format=onnx", "--fft=dft", "--opset=18"], "needs opset 20 or later"),
 ])
 def test_cli_bad_input_one_line(tmp_path, capsys, bad, message):
     args = ["--model=usrnet", "--arch=features=8,num_blocks=1,num_iterations=1", "--format=stablehlo",

@@ -21,7 +21,7 @@ from converse_jax.export.realify import FFT_MODES, dft_p, realify
 from converse_jax.export.stablehlo import ExportSpec, forward_fn
 
 DEFAULT_OPSET = 23
-DEFAULT_FFT = "dft"
+DEFAULT_FFT = "matmul"  # the faster in ONNX Runtime on CPU at the networks' sizes (docs/deploy.md)
 FFT_DESCRIPTION = {"matmul": "DFT-matrix products (MatMul/Einsum with shared constant matrices)",
                    "dft": "1-D ONNX DFT nodes (opset >= 20; real input onesided, inverse real FFT via the "
                           "Hermitian-completed spectrum)"}
@@ -77,8 +77,8 @@ def export_onnx(model: nnx.Module, model_spec: Any, spec: ExportSpec, opset: int
     """(serialized ONNX model, description fields) of ``model_spec.task.forward(model, ...)``.
 
     Inputs ``x`` (batch, H, W, C) float32 NHWC and, for non-blind models, ``kernel`` (batch, k, k);
-    output ``y``. ``spec.batch`` None exports batch 1. ``fft``: how the 2-D FFTs are written, ``"dft"``
-    (ONNX ``DFT`` nodes) or ``"matmul"`` (products with DFT matrices); docs/deploy.md compares them.
+    output ``y``. ``spec.batch`` None exports batch 1. ``fft``: how the 2-D FFTs are written, ``"matmul"``
+    (products with DFT matrices) or ``"dft"`` (ONNX ``DFT`` nodes); docs/deploy.md compares them.
     """
     if fft not in FFT_MODES:
         raise ValueError(f"fft must be one of {', '.join(FFT_MODES)}, got {fft!r}")
