@@ -2,7 +2,7 @@
 
     python -m experiments.export --model=NAME --format=stablehlo|onnx --height=H --width=W --out=PATH
         [--weights=PATH | --arch=K=V,... [--seed=N]] [--batch=B] [--sf=1] [--platforms=cpu,cuda]
-        [--overwrite]
+        [--fft=matmul|dft] [--opset=N] [--overwrite]
 
 The artifact computes the network's task forward for NHWC float32 images in [0, 1] of exactly
 H x W pixels (the Converse2D FFT sizes depend on them); non-blind networks (usrnet) take a second
@@ -40,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="initialisation seed with --arch and no --weights")
     p.add_argument("--platforms", default="cpu", help="StableHLO: comma-separated lowering platforms "
                                                       "(cpu, cuda, rocm, tpu; default cpu)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's, 23)")
+    p.add_argument("--fft", choices=("matmul", "dft"), default=None,
+                   help="ONNX only: the 2-D FFTs as products with DFT matrices (default; constants) or as 1-D "
+                        "DFT nodes (opset >= 20, no constants); docs/deploy.md compares their speed")
+    # --precision (bf16 mixed precision) goes here once models take a `precision` argument: see load().
     p.add_argument("--out", required=True, help="artifact path (.stablehlo / .onnx); PATH.json is written too")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return p
@@ -91,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     check_out(out, args.overwrite)
     platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())
+    if args.format != "onnx" and (args.fft is not None or args.opset is not None):
+        raise ValueError("--fft and --opset apply to --format=onnx only; drop them for StableHLO")
     spec = X.ExportSpec(height=args.height, width=args.width, batch=args.batch, sf=args.sf, platforms=platforms)
     from converse_jax import evaluation as E
     if args.sf != 1 and not E.get_model_spec(args.model).task.takes_kernel:
@@ -105,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         meta = X.describe(mspec, spec, fmt="stablehlo", model=model, weights=weights, arch=arch, extra={"load": how})
     else:
         from converse_jax.export import onnx_export as O
-        blob, extra = O.export_onnx(model, mspec, spec, opset=args.opset)
+        blob, extra = O.export_onnx(model, mspec, spec, opset=args.opset, fft=args.fft or O.DEFAULT_FFT)
         meta = X.describe(mspec, spec, fmt="onnx", model=model, weights=weights, arch=arch, extra=extra)
     meta_path = X.write_artifact(out, blob, meta, overwrite=args.overwrite)
     print(f"wrote {out} ({len(blob) / 2**20:.2f} MiB) and {meta_path} in {time.perf_counter() - t0:.1f} s")

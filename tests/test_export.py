@@ -103,6 +103,8 @@ def test_cli_stablehlo_writes_artifact_and_description(tmp_path, capsys):
     (["--out=/nonexistent_dir/x.stablehlo"], "does not exist"),
     (["--height=0"], "height must be a positive integer"),
     (["--model=dncnn", "--sf=2"], "sf applies to non-blind models only"),
+    (["--fft=dft"], "apply to --format=onnx only"),
+    (["--format=onnx", "--fft=dft", "--opset=18"], "needs opset 20 or later"),
 ])
 def test_cli_bad_input_one_line(tmp_path, capsys, bad, message):
     args = ["--model=usrnet", "--arch=features=8,num_blocks=1,num_iterations=1", "--format=stablehlo",
@@ -115,9 +117,8 @@ def test_cli_bad_input_one_line(tmp_path, capsys, bad, message):
 
 
 @pytest.mark.slow
-def test_onnx_matches_library_in_onnxruntime():
-    pytest.importorskip("jax2onnx", reason="ONNX export needs the export extra: pip install -e '.[export]'")
-    pytest.importorskip("onnxruntime", reason="the ONNX check needs onnxruntime (export extra)")
+@pytest.mark.parametrize("fft", ["dft", "matmul"])
+def test_onnx_matches_library_in_onnxruntime(fft):
     from converse_jax.export import onnx_export as O
 
     for i, (name, arch) in enumerate(SMALL.items()):
@@ -125,14 +126,28 @@ def test_onnx_matches_library_in_onnxruntime():
         spec = get_spec(name)
         model = create(name, rngs=nnx.Rngs(2), **arch)
         sf = 2 if spec.task.takes_kernel else 1  # the non-blind model with a fixed sf > 1
-        blob, extra = O.export_onnx(model, spec, X.ExportSpec(height=h, width=w, batch=2, sf=sf))
-        assert extra["onnx"]["nodes"] == sum(extra["onnx"]["operators"].values()) > 0
+        blob, extra = O.export_onnx(model, spec, X.ExportSpec(height=h, width=w, batch=2, sf=sf), fft=fft)
+        ops = extra["onnx"]["operators"]
+        assert extra["onnx"]["nodes"] == sum(ops.values()) > 0 and extra["onnx"]["fft"] == fft
+        assert (ops.get("DFT", 0) > 0) == (fft == "dft"), ops  # matmul: no DFT node at all
         x, k = _inputs(name, 2, h, w)
         batch = {"input": x} if k is None else {"input": x, "kernel": k}
         ref = np.asarray(jax.jit(lambda b, m=model, t=spec.task, s=sf: t.forward(m, b, sf=s))(batch))
         out = O.run_onnx(blob, x, *([] if k is None else [k]))
         assert out.shape == ref.shape, name
-        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4, err_msg=f"{name} fft={fft}")
+
+
+def test_cli_onnx_writes_artifact_and_description(tmp_path):
+    import onnxruntime as ort
+
+    out = tmp_path / "dncnn.onnx"
+    assert cli.main(["--model=dncnn", "--arch=features=8,num_blocks=1", "--format=onnx", "--height=12",
+                     "--width=10", "--fft=matmul", f"--out={out}"]) == 0
+    meta = json.loads(Path(str(out) + ".json").read_text())
+    assert meta["onnx"]["fft"] == "matmul" and meta["batch_size"] == 1
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["x"] and list(sess.get_inputs()[0].shape) == [1, 12, 10, 1]
 
 
 def test_realify_matches_fft_and_complex_ops():
@@ -145,8 +160,58 @@ def test_realify_matches_fft_and_complex_ops():
         back = jax.numpy.fft.irfft2(z * g + jax.numpy.conj(z) * 0.1, s=x.shape[-2:])
         return back + jax.numpy.fft.ifft2(full * 1j).real
 
-    x = np.random.default_rng(3).normal(size=(2, 6, 7)).astype(np.float32)
+    for shape in [(2, 6, 7), (1, 8, 6)]:  # odd and even last axes (the inverse real FFT's Nyquist bin)
+        x = np.random.default_rng(3).normal(size=shape).astype(np.float32)
+        for fft in ("matmul", "dft"):
+            real_fn = realify(fn, x, fft=fft)
+            jaxpr = jax.make_jaxpr(real_fn)(x).jaxpr
+            prims = {e.primitive.name for e in jaxpr.eqns}
+            assert "fft" not in prims and not any(v.aval.dtype.kind == "c" for v in jaxpr.outvars)
+            assert ("converse_onnx_dft" in prims) == (fft == "dft")
+            # jit: evaluated eagerly, realify would fold the whole function into constants
+            np.testing.assert_allclose(np.asarray(jax.jit(real_fn)(x)), np.asarray(fn(x)), rtol=0, atol=1e-5)
+
+
+def test_realify_matmul_shares_one_matrix_per_size():
+    from converse_jax.export.realify import realify
+
+    def fn(x):  # three real FFTs of one size: their DFT matrices should enter the graph once
+        a = jax.numpy.fft.rfft2(x)
+        b = jax.numpy.fft.rfft2(2 * x)
+        return jax.numpy.fft.irfft2(a * b, s=x.shape[-2:]) + jax.numpy.fft.rfft2(x * x).real.sum()
+
+    x = np.ones((1, 8, 8), np.float32)
+    consts = jax.make_jaxpr(realify(fn, x, fft="matmul"))(x).consts
+    shapes = sorted(tuple(c.shape) for c in consts if np.ndim(c) == 2)
+    # rfft: cos and sin (8, 5); complex FFT over rows: cos and sin (8, 8) (forward) and again (inverse);
+    # inverse real FFT: weighted cos and sin (5, 8)
+    assert shapes == [(5, 8)] * 2 + [(8, 5)] * 2 + [(8, 8)] * 4, shapes
+
+
+def test_realify_gathers_outer_products_as_takes(monkeypatch):
+    from converse_jax.export import realify as R
+    from converse_jax.export.realify import realify
+
+    # Index grids above the fold limit (large images) are still computed at export time: they are integral.
+    monkeypatch.setattr(R, "FOLD_LIMIT", 16)
+
+    ih, iw = np.array([2, 1, 0, 1, 2, 3, 2]), np.array([4, 0, 1, 2, 3, 4, 0, 1])  # padding-like indices
+
+    def fn(x):
+        return (x[..., ih[:, None], iw[None, :]],  # channels-first padding (index axes last)
+                x[:, ih[:, None], iw[None, :], :],  # channels-last
+                x[..., np.array([[0, 1], [2, 3]]), np.array([[1, 1], [0, 2]])])  # not an outer product
+
+    x = np.random.default_rng(0).normal(size=(2, 4, 5, 5)).astype(np.float32)
     real_fn = realify(fn, x)
-    prims = {e.primitive.name for e in jax.make_jaxpr(real_fn)(x).jaxpr.eqns}
-    assert "fft" not in prims and not any(v.aval.dtype.kind == "c" for v in jax.make_jaxpr(real_fn)(x).jaxpr.outvars)
-    np.testing.assert_allclose(np.asarray(real_fn(x)), np.asarray(fn(x)), rtol=0, atol=1e-5)
+    index_ranks = [e.invars[1].aval.ndim for e in jax.make_jaxpr(real_fn)(x).jaxpr.eqns if e.primitive.name == "gather"]
+    assert index_ranks == [3], index_ranks  # only the last stays a gather with a 2-D grid of index pairs
+    for got, want in zip(jax.jit(real_fn)(x), fn(x), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_realify_rejects_unknown_fft_mode():
+    from converse_jax.export.realify import realify
+
+    with pytest.raises(ValueError, match="fft must be one of matmul, dft"):
+        realify(lambda x: x, np.ones(2, np.float32), fft="fftw")

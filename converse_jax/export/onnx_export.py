@@ -17,10 +17,14 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from converse_jax.export.realify import realify
+from converse_jax.export.realify import FFT_MODES, dft_p, realify
 from converse_jax.export.stablehlo import ExportSpec, forward_fn
 
 DEFAULT_OPSET = 23
+DEFAULT_FFT = "matmul"  # the faster in ONNX Runtime on CPU at the networks' sizes (docs/deploy.md)
+FFT_DESCRIPTION = {"matmul": "DFT-matrix products (MatMul/Einsum with shared constant matrices)",
+                   "dft": "1-D ONNX DFT nodes (opset >= 20; real input onesided, inverse real FFT via the "
+                          "Hermitian-completed spectrum)"}
 
 
 def _require() -> tuple[Any, Any]:
@@ -33,14 +37,57 @@ def _require() -> tuple[Any, Any]:
     return jax2onnx, onnx
 
 
-def export_onnx(model: nnx.Module, model_spec: Any, spec: ExportSpec,
-                opset: int | None = None) -> tuple[bytes, dict[str, Any]]:
+def _scalar_i64(ctx: Any, ir: Any, value: int, hint: str) -> Any:
+    from jax2onnx.plugins._ir_shapes import _ensure_value_metadata, _stamp_type_and_shape
+
+    v = ctx.builder.add_initializer_from_array(name=ctx.fresh_name(hint), array=np.asarray(value, np.int64))
+    v.type = ir.TensorType(ir.DataType.INT64)
+    _stamp_type_and_shape(v, ())
+    _ensure_value_metadata(ctx, v)
+    return v
+
+
+def _register_dft() -> None:
+    """Teach jax2onnx :data:`realify.dft_p`: one ONNX ``DFT`` node (opset 20's, axis as an input)."""
+    import onnx_ir as ir
+    from jax2onnx.plugins._ir_shapes import _ensure_value_metadata, _stamp_type_and_shape
+    from jax2onnx.plugins.plugin_system import PLUGIN_REGISTRY, PrimitiveLeafPlugin, register_primitive
+
+    if dft_p.name in PLUGIN_REGISTRY:
+        return
+
+    @register_primitive(jaxpr_primitive=dft_p.name, since="converse_jax", context="converse_jax",
+                        component="dft", onnx=[{"component": "DFT"}], testcases=[])
+    class _DFTPlugin(PrimitiveLeafPlugin):
+        def lower(self, ctx: Any, eqn: Any) -> None:
+            (x_var,), (out_var,), params = eqn.invars, eqn.outvars, eqn.params
+            x = ctx.get_value_for_var(x_var, name_hint=ctx.fresh_name("dft_in"))
+            out = ctx.builder.DFT(x, _scalar_i64(ctx, ir, params["length"], "dft_length"),
+                                  _scalar_i64(ctx, ir, params["axis"], "dft_axis"),
+                                  _outputs=[ctx.fresh_name("dft")], inverse=int(params["inverse"]),
+                                  onesided=int(params["onesided"]))
+            out.type = ir.TensorType(ir.DataType.FLOAT)
+            _stamp_type_and_shape(out, tuple(out_var.aval.shape))
+            _ensure_value_metadata(ctx, out)
+            ctx.bind_value_for_var(out_var, out)
+
+
+def export_onnx(model: nnx.Module, model_spec: Any, spec: ExportSpec, opset: int | None = None,
+                fft: str = DEFAULT_FFT) -> tuple[bytes, dict[str, Any]]:
     """(serialized ONNX model, description fields) of ``model_spec.task.forward(model, ...)``.
 
     Inputs ``x`` (batch, H, W, C) float32 NHWC and, for non-blind models, ``kernel`` (batch, k, k);
-    output ``y``. ``spec.batch`` None exports batch 1.
+    output ``y``. ``spec.batch`` None exports batch 1. ``fft``: how the 2-D FFTs are written, ``"matmul"``
+    (products with DFT matrices) or ``"dft"`` (ONNX ``DFT`` nodes); docs/deploy.md compares them.
     """
+    if fft not in FFT_MODES:
+        raise ValueError(f"fft must be one of {', '.join(FFT_MODES)}, got {fft!r}")
+    opset = opset or DEFAULT_OPSET
+    if fft == "dft" and opset < 20:
+        raise ValueError(f"--fft=dft needs opset 20 or later (DFT with its axis as an input), got {opset}; "
+                         "raise --opset or use --fft=matmul")
     jax2onnx, onnx = _require()
+    _register_dft()
     task = model_spec.task
     if spec.sf != 1 and not task.takes_kernel:
         raise ValueError(f"--sf applies to non-blind models only; {model_spec.name} has a fixed scale")
@@ -54,14 +101,14 @@ def export_onnx(model: nnx.Module, model_spec: Any, spec: ExportSpec,
     import jax.numpy as jnp
 
     structs = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
-    proto = jax2onnx.to_onnx(realify(forward_fn(model, task, spec.sf), *structs), shapes, model_name=model_spec.name,
-                             opset=opset or DEFAULT_OPSET, input_names=names, output_names=["y"])
+    proto = jax2onnx.to_onnx(realify(forward_fn(model, task, spec.sf), *structs, fft=fft), shapes,
+                             model_name=model_spec.name, opset=opset, input_names=names, output_names=["y"])
     onnx.checker.check_model(proto)
     ops = collections.Counter(node.op_type for node in proto.graph.node)
     extra = {
         "batch_size": batch,
         "onnx": {"opset": [{"domain": o.domain or "ai.onnx", "version": o.version} for o in proto.opset_import],
-                 "ir_version": proto.ir_version, "fft": "DFT-matrix products (MatMul/Einsum constants)",
+                 "ir_version": proto.ir_version, "fft": fft, "fft_how": FFT_DESCRIPTION[fft],
                  "operators": dict(sorted(ops.items(), key=lambda kv: -kv[1])), "nodes": sum(ops.values()),
                  "jax2onnx": getattr(jax2onnx, "__version__", "unknown"), "onnx": onnx.__version__},
     }
