@@ -153,8 +153,11 @@ def axis_context(length: int, tile: int, context: int) -> int:
     whole image does); else ``context``, at most a quarter of the tile so that a core keeps at
     least half of it (smaller tiles get less context and agree less with the whole image).
     """
-    if tile >= length:
-        return 0
+    return 0 if tile >= length else _capped_context(tile, context)
+
+
+def _capped_context(tile: int, context: int) -> int:
+    """``context``, at most a quarter of ``tile`` (a core keeps at least half of its tile)."""
     return max(0, min(int(context), tile // 4))
 
 
@@ -266,7 +269,7 @@ class TiledRestorer:
         if self.border == "wrap":
             p = plan_tiles(h, w, self.tile, self.overlap, self.context)
         else:  # tiles end on the image border: the context is a larger overlap of whole tiles
-            shared = min(max(self.overlap, 2 * axis_context(10**9, self.tile, self.context)), (self.tile - 1) // 2)
+            shared = min(max(self.overlap, 2 * _capped_context(self.tile, self.context)), (self.tile - 1) // 2)
             p = plan_tiles(h, w, self.tile, shared, 0)
         s = self.scale * int(sf)
         wy = blend_weights(list(p.rows), p.core_h, h, p.overlap_y, s, self.blend)
@@ -324,7 +327,6 @@ class MemoryModel:
     fixed: float
     per_pixel: float
     context: int = 0  # the task's tile context: a tiled image is padded by it on the host
-
 
     def call_bytes(self, pixels: int) -> float:
         return self.fixed + self.per_pixel * pixels

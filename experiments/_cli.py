@@ -84,14 +84,12 @@ def load_model(name: str, weights: str | None, arch: str | None) -> tuple[Any, A
 
     from converse_jax import evaluation as E
     from converse_jax.train.config import parse_model_kwargs
-    from converse_jax.weights.pretrained import find_weights, load_pretrained, saved_model_kwargs
+    from converse_jax.weights.pretrained import load_with_source
 
     spec = E.get_model_spec(name)
     kwargs = parse_model_kwargs(arch) if arch is not None else None
-    found = find_weights(name, weights, progress=interactive())
-    print(found, file=sys.stderr, flush=True)
-    model = load_pretrained(name, found.path, arch=kwargs, report=False)
-    arch_used = kwargs or saved_model_kwargs(found.path)
+    loaded = load_with_source(name, weights, arch=kwargs, progress=interactive())
+    model, arch_used = loaded.model, loaded.arch
     if arch_used and spec.protocol is not None:  # not the paper's network: no paper figure to compare with
         spec = dataclasses.replace(spec, protocol=dataclasses.replace(spec.protocol, paper={}))
     up = int(arch_used.get("upscale", spec.scale))

@@ -73,15 +73,13 @@ def load(args: argparse.Namespace):
     from converse_jax import evaluation as E
     from converse_jax.models import create
     from converse_jax.train.config import parse_model_kwargs
-    from converse_jax.weights.pretrained import find_weights, load_pretrained, saved_model_kwargs
+    from converse_jax.weights.pretrained import load_with_source
 
     spec = E.get_model_spec(args.model)
     arch = parse_model_kwargs(args.arch) if args.arch is not None else None
     if arch is None or args.weights is not None:
-        found = find_weights(args.model, args.weights)
-        print(found, file=sys.stderr, flush=True)
-        model = load_pretrained(args.model, found.path, arch=arch, report=False)
-        return model, spec, str(found.path), arch or saved_model_kwargs(found.path)
+        loaded = load_with_source(args.model, args.weights, arch=arch)
+        return loaded.model, spec, str(loaded.weights.path), loaded.arch
     try:
         model = create(args.model, rngs=nnx.Rngs(args.seed), **arch)
     except TypeError as exc:

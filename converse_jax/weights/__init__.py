@@ -35,6 +35,8 @@ _EXPORTS = {
     "load_pretrained": "pretrained",
     "find_weights": "pretrained",
     "WeightsFile": "pretrained",
+    "LoadedModel": "pretrained",
+    "load_with_source": "pretrained",
     "saved_model_kwargs": "pretrained",
     "convert_checkpoint": "pretrained",
 }

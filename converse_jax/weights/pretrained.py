@@ -48,12 +48,14 @@ from converse_jax.weights.errors import ChecksumMismatchError, WeightMismatchErr
 from converse_jax.weights.reader import load_torch_state_dict
 
 __all__ = [
+    "LoadedModel",
     "WeightsFile",
     "cache_dir",
     "find_weights",
     "fetch_release",
     "load_weights",
     "load_pretrained",
+    "load_with_source",
     "convert_checkpoint",
 ]
 
@@ -288,7 +290,8 @@ def load_pretrained(name: str, path: PathLike | None = None, *, dtype: Any = Non
                     cache: PathLike | None = None, download: bool = True, progress: bool = True,
                     arch: dict[str, Any] | None = None, report: bool = True) -> Any:
     """The NNX model ``name`` (``dncnn``, ``srresnet``, ``conversenet``, ``usrnet``) with its
-    released (or given) weights.
+    released (or given) weights; :func:`load_with_source` (same arguments) also says which file it
+    came from and which architecture it was built with.
 
     ``path``: a ``.pth``, ``.safetensors``, converted or training checkpoint directory, or a training
     workdir; without it the release file, looked up as :func:`find_weights` says. ``arch``: constructor
@@ -296,6 +299,24 @@ def load_pretrained(name: str, path: PathLike | None = None, *, dtype: Any = Non
     none). ``dtype``: float32 (default) or float64 (needs ``jax_enable_x64``). ``report``: print which
     file was used (one ``weights: <file> (<source>)`` line on stderr).
     """
+    return load_with_source(name, path, dtype=dtype, cache=cache, download=download, progress=progress,
+                            arch=arch, report=report).model
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """What :func:`load_with_source` loaded: the model, the file its weights came from, and the
+    constructor arguments it was built with (``--arch``; ``{}`` for the registry's architecture)."""
+
+    model: Any
+    weights: WeightsFile
+    arch: dict[str, Any]
+
+
+def load_with_source(name: str, path: PathLike | None = None, *, dtype: Any = None,
+                     cache: PathLike | None = None, download: bool = True, progress: bool = True,
+                     arch: dict[str, Any] | None = None, report: bool = True) -> LoadedModel:
+    """:func:`load_pretrained`, returning the model with where it came from (:class:`LoadedModel`)."""
     dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
@@ -320,13 +341,13 @@ def load_pretrained(name: str, path: PathLike | None = None, *, dtype: Any = Non
     if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(nnx.state(model))):
         model = build()  # state that no checkpoint holds: keep its initial value
         assign_weights(model, weights, source=source, model_name=name)
-    return model
+    return LoadedModel(model, found, kwargs)
 
 
 def _model_kwargs(path: Path, arch: dict[str, Any] | None) -> dict[str, Any]:
     """``arch``, or the checkpoint's own; ValueError when both are given and differ."""
     saved = saved_model_kwargs(path)
-    if arch is None or not arch:
+    if not arch:
         return saved
     if saved and dict(arch) != saved:
         raise ValueError(f"--arch {_arch_text(arch)} differs from the architecture {path} was trained with "
