@@ -184,10 +184,15 @@ def run_suite(*, sections: list[str], quick: bool, torch: TorchBaseline | None, 
 
 def _new_report(sections: list[str], quick: bool, nets: list[str] | None, alt: bool, policy: dict[str, Any],
                 torch_note: str, jax_env: dict[str, Any]) -> dict[str, Any]:
-    """An empty report with its ``meta`` block filled in."""
+    """An empty report with its ``meta`` block filled in. ``precision``: the compute precision of the
+    networks the JAX side builds (the process default, which ``--precision`` sets and the worker
+    processes inherit through ``$CONVERSE_JAX_PRECISION``); the PyTorch baselines run in float32."""
+    from converse_jax.nn.precision import get_default_precision
+
     meta = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "quick": quick, "sections": sections, "nets": nets or list(C.NETWORKS), "alt": alt,
+        "quick": quick, "precision": get_default_precision(), "sections": sections,
+        "nets": nets or list(C.NETWORKS), "alt": alt,
         "policy": policy, "platform": platform.platform(),
         "python": platform.python_version(), "jax": jax_env,
         "load_average_start": _loadavg(), "torch": None, "torch_note": torch_note,
@@ -326,11 +331,12 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def _header_lines(meta: dict[str, Any]) -> list[str]:
-    """Date, backend, baseline and load average."""
+    """Date, backend, precision, baseline and load average."""
     j = meta["jax"]
     lines = [f"converse_jax benchmark  {meta['date']}  {'QUICK ' if meta['quick'] else ''}"
              f"backend={j['backend']} devices={j['device_count']} ({j['device_kind']}) "
-             f"cpu_threads={j['cpu_threads']} jax={j['jax_version']}"]
+             f"cpu_threads={j['cpu_threads']} jax={j['jax_version']}",
+             f"precision: {meta.get('precision', 'float32')} (the JAX networks; the PyTorch baselines run float32)"]
     t = meta.get("torch")
     lines.append(f"baseline: torch {t['torch_version']} on {t.get('device', 'cpu')} threads={t['torch_threads']} "
                  f"OMP_WAIT_POLICY={t['OMP_WAIT_POLICY']}" if t else f"baseline: none ({meta.get('torch_note')})")

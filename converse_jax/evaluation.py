@@ -58,6 +58,7 @@ __all__ = [
     "make_restorer",
     "memory_budget",
     "memory_model",
+    "model_precision",
     "paper_value",
     "resolve_protocol",
     "restore_array",
@@ -272,6 +273,7 @@ class EvalReport:
     protocol: Any
     runs: list[RunResult]
     x8: bool = False
+    precision: str | None = None  # the model's compute precision ("float32", "bf16"); None: not known
 
     def protocol_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self.protocol) if dataclasses.is_dataclass(self.protocol) else dict(self.protocol)
@@ -280,7 +282,8 @@ class EvalReport:
         return d
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"model": self.model, "dataset": self.dataset, "protocol": self.protocol_dict()}
+        d: dict[str, Any] = {"model": self.model, "dataset": self.dataset, "precision": self.precision,
+                             "protocol": self.protocol_dict()}
         if self.task.uses_kernels:
             d["kernels"] = [r.to_dict() for r in self.runs]
         else:
@@ -296,6 +299,7 @@ class EvalReport:
         lines = []
         what = self.task.protocol_label(self.protocol)
         head = f"{self.model} on {self.dataset}" + (f" ({what})" if what else "") + (", x8 ensemble" if self.x8 else "")
+        head += f", precision {self.precision}" if self.precision else ""
         lines.append(head)
         for run in self.runs:
             has_y = run.per_image and run.per_image[0].psnr_y is not None
@@ -377,7 +381,14 @@ def evaluate(model: Any, spec: Any, images: str | Path | Sequence[tuple[str, np.
                 on_image(res)
         bar.close()
         runs.append(RunResult(results, kernel=kid, paper=paper_value(protocol, dataset, kid)))
-    return EvalReport(spec.name, dataset, spec.task, protocol, runs, x8=x8)
+    return EvalReport(spec.name, dataset, spec.task, protocol, runs, x8=x8, precision=model_precision(model))
+
+
+def model_precision(model: Any) -> str | None:
+    """The compute precision a network was built with (its ``precision``, :mod:`converse_jax.nn.precision`),
+    which the reports record beside the figures; None for a model that does not say."""
+    precision = getattr(model, "precision", None)
+    return precision if isinstance(precision, str) else None
 
 
 class _ImageProgress:
