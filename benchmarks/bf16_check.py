@@ -1,11 +1,14 @@
 """Mixed precision (``precision="bf16"``) against float32: accuracy, training, speed and what XLA compiles.
 
-    python -m benchmarks.bf16_check [--only=accuracy,train,speed,hlo] [--nets=dncnn,srresnet,...]
-        [--steps=1000] [--deblur-kernels=1,2,3,4,5] [--repeats=5] [--out=DIR] [--overwrite]
+    python -m benchmarks.bf16_check [--only=accuracy,parts,train,speed,hlo] [--nets=dncnn,srresnet,...]
+        [--parts=float32,bf16,conv1,...] [--steps=1000]
+        [--deblur-kernels=1,2,3,4,5] [--repeats=5] [--out=DIR] [--overwrite]
 
 - accuracy: each released network through the evaluation path (:mod:`converse_jax.evaluation`,
   the paper's protocol: DnCNN on Set12 at sigma 25, SRResNet x4 on Set5, the deblurring networks on
   Set5 with the chosen kernels), once in float32 and once in bf16, from the same weights.
+- parts: the released Converse-USRNet on Set5 (the same protocol) with one part at a time kept in
+  float32 in an otherwise bf16 model (:data:`USRNET_PARTS`): which part costs the accuracy.
 - train: a small Converse-DnCNN trained for ``--steps`` steps from the same initialisation on the
   same batches in float32 and in bf16 (:func:`converse_jax.train.make_train_step`); the mean loss
   of every 50 steps goes to ``<out>/bf16_train_loss.csv`` and a plot to ``<out>/bf16_train_loss.png``.
@@ -42,7 +45,7 @@ from converse_jax.fileio import write_json_atomic
 from converse_jax.nn.precision import default_precision
 from converse_jax.tasks import jit_forward
 
-SECTIONS = ("accuracy", "train", "speed", "hlo")
+SECTIONS = ("accuracy", "parts", "train", "speed", "hlo")
 NETWORKS = ("dncnn", "srresnet", "conversenet", "usrnet")
 PRECISIONS = ("float32", "bf16")
 TRAIN_ARCH = {"features": 16, "num_blocks": 2}  # the small DnCNN of the training check
@@ -93,6 +96,52 @@ def accuracy(nets: Sequence[str], kernels: Sequence[int]) -> list[dict[str, Any]
                          "kernel": protocol.kernels[i] if spec.task.uses_kernels else None,
                          "float32": p32, "bf16": p16, "delta_db": p16 - p32, "same_float32_weights": same})
             log(f"{name} {protocol.dataset} k{rows[-1]['kernel']}: float32 {p32:.3f} dB, bf16 {p16:.3f} dB")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- USRNet's parts
+
+# The parts of a bf16 Converse-USRNet that the ``parts`` section keeps in float32, one at a time: each
+# maps the model to the layers whose compute ``dtype`` is cleared (None: they compute in their float32
+# parameters' and inputs' dtype). "float32" and "bf16" are the two whole models, for reference.
+USRNET_PARTS: dict[str, Any] = {
+    "float32": lambda m: [],
+    "bf16": lambda m: [],
+    "conv1": lambda m: [m.conv1],  # the first 1x1 conv (3 -> 64): its output is the first data step's input
+    "conv2": lambda m: [m.conv2],  # the last 1x1 conv (64 -> 3): its output is the restored image
+    "kernel_path": lambda m: [m.kernelnet.fc1, m.kernelnet.fc2, m.kernelnet.fc3, *m.kernel_convs],
+    "prior_norms": lambda m: [m.prior.layers.norm1, m.prior.layers.norm2],
+    "prior_pointwise": lambda m: [m.prior.layers.pw1, m.prior.layers.pw2, m.prior.layers.pw3, m.prior.layers.pw4],
+    "prior_mixer": lambda m: [m.prior.layers.mixer],
+}
+
+
+def usrnet_parts(parts: Sequence[str], kernels: Sequence[int], save: Any) -> list[dict[str, Any]]:
+    """Set5 PSNR of the released Converse-USRNet for each of ``parts`` (:data:`USRNET_PARTS`): the bf16
+    model with that part kept in float32, and PSNR - float32 PSNR (when "float32" ran first). ``save(rows)``
+    is called after every part, so a long run that is stopped keeps what it measured."""
+    spec = E.get_model_spec("usrnet")
+    protocol = E.resolve_protocol(spec, kernels=list(kernels))
+    images = E.load_test_images(E.dataset_dir(protocol.dataset), protocol.color)
+    rows: list[dict[str, Any]] = []
+    ref: dict[int, float] = {}
+    for part in parts:
+        log(f"parts: usrnet on {protocol.dataset}, kernels {list(kernels)}, {part} in float32")
+        with default_precision("float32" if part == "float32" else "bf16"):
+            model, _ = E.load_model("usrnet")
+        for layer in USRNET_PARTS[part](model):
+            layer.dtype = None
+        report = E.evaluate(model, spec, images, protocol=protocol, progress=False)
+        for kid, run in zip(protocol.kernels, report.runs, strict=True):
+            psnr = run.average[report.metric_key]
+            if part == "float32":
+                ref[kid] = psnr
+            rows.append({"net": "usrnet", "dataset": protocol.dataset, "kernel": kid, "float32_part": part,
+                         "psnr": psnr, "delta_db": psnr - ref[kid] if kid in ref else None,
+                         "loadavg": list(os.getloadavg())})
+            log(f"usrnet k{kid}, {part} in float32: {psnr:.3f} dB"
+                + (f" ({rows[-1]['delta_db']:+.4f} dB against float32)" if kid in ref else ""))
+        save(rows)
     return rows
 
 
@@ -245,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default=",".join(SECTIONS), help=f"sections among {', '.join(SECTIONS)} (default: all)")
     p.add_argument("--nets", default=",".join(NETWORKS), help="networks for accuracy and speed (default: all four)")
     p.add_argument("--steps", type=int, default=1000, help="training steps per precision (default 1000)")
+    p.add_argument("--parts", default=",".join(USRNET_PARTS),
+                   help="parts section: the USRNet parts kept in float32, one per run (default: all, "
+                        "float32 first)")
     p.add_argument("--deblur-kernels", default="1,2,3,4,5", help="the paper's kernels for the deblurring networks")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per network and precision (default 5)")
     p.add_argument("--out", default="docs/benchmarks", help="folder for bf16_check.json and the loss curves")
@@ -256,10 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(args: argparse.Namespace) -> tuple[list[str], list[str], list[int], Path, Path]:
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     nets = [s.strip() for s in args.nets.split(",") if s.strip()]
+    parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     bad = [s for s in only if s not in SECTIONS] + [n for n in nets if n not in NETWORKS]
-    if bad or not only or not nets:
-        raise ValueError(f"unknown section or network {', '.join(bad) or '(none given)'}: sections "
-                         f"{', '.join(SECTIONS)}, networks {', '.join(NETWORKS)}")
+    bad += [p for p in parts if p not in USRNET_PARTS]
+    if bad or not only or not nets or not parts:
+        raise ValueError(f"unknown section, network or part {', '.join(bad) or '(none given)'}: sections "
+                         f"{', '.join(SECTIONS)}, networks {', '.join(NETWORKS)}, parts {', '.join(USRNET_PARTS)}")
+    args.parts = parts
     if args.steps < TRAIN["every"] or args.steps % TRAIN["every"]:
         raise ValueError(f"--steps must be a positive multiple of {TRAIN['every']}, got {args.steps}")
     if args.repeats < 1:
@@ -287,7 +342,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     result: dict[str, Any] = {"machine": machine()}
     log(f"{result['machine']}")
+
+    def save_parts(rows: list[dict[str, Any]]) -> None:
+        write_json_atomic(json_path, dict(result, parts=rows, machine_after=machine()))
+
     sections = {"hlo": lambda: hlo_dtypes(), "accuracy": lambda: accuracy(nets, kernels),
+                "parts": lambda: usrnet_parts(args.parts, kernels, save_parts),
                 "train": lambda: train_curves(args.steps), "speed": lambda: speed(nets, args.repeats)}
     for name in only:
         result[name] = sections[name]()
