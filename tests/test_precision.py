@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -146,3 +147,50 @@ def test_bf16_train_step_keeps_float32_state():
     changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state["params"]),
                                                          jax.tree.leaves(new["params"]), strict=True)]
     assert all(changed)  # every parameter got a gradient through the bf16 layers
+
+
+def test_evaluation_json_and_table_say_which_precision_ran(tmp_path, monkeypatch, capsys):
+    """``experiments.evaluate --json`` records the precision the network was built in (by ``--precision``)."""
+    from converse_jax import evaluation as E
+    from converse_jax.imageio import write_image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_image(data / "a.png", np.random.default_rng(0).integers(0, 256, (24, 24, 1), np.uint8))
+
+    def tiny(name, weights, arch):  # a fresh small network, built after the flag set the default precision
+        return models.create("dncnn", rngs=0, **TINY_DNCNN), E.get_model_spec("dncnn")
+
+    monkeypatch.setattr(evaluate, "load_model", tiny)
+    for flags, want in (([], "float32"), (["--precision=bf16"], "bf16")):
+        out = tmp_path / f"{want}.json"
+        assert evaluate.main(["--model=dncnn", f"--data-dir={data}", "--dataset=set12", f"--json={out}",
+                              "--no-progress", *flags]) == 0
+        assert json.loads(out.read_text())["precision"] == want
+        assert f"dncnn on data (sigma 25), precision {want}\n" in capsys.readouterr().out
+    report = E.EvalReport("m", "set12", models.get_spec("dncnn").task, E.get_model_spec("dncnn").protocol,
+                          [E.RunResult([E.ImageResult("a.png", 30.0, 0.9)])])
+    assert report.to_dict()["precision"] is None  # a model that does not say is not called float32
+
+
+def test_benchmark_report_meta_and_header_say_which_precision_ran():
+    from benchmarks import suite
+
+    env = {"backend": "cpu", "device_count": 1, "device_kind": "cpu", "cpu_threads": 2, "jax_version": jax.__version__}
+    for precision in P.PRECISIONS:
+        with P.default_precision(precision):
+            report = suite._new_report(["infer"], True, None, False, {}, "none", env)
+        assert report["meta"]["precision"] == precision
+        assert any(line.startswith(f"precision: {precision} ") for line in suite.format_table(report).splitlines())
+
+
+def test_bf16_usrnet_writes_its_image_in_float32():
+    """USRNet's last 1x1 convolution (the restored image) and its kernel path stay float32 in bf16: its
+    output is not a bfloat16-rounded image, while the first convolution does compute in bfloat16."""
+    model = models.create("usrnet", rngs=0, precision="bf16", features=8, num_blocks=1, num_iterations=2)
+    assert model.conv1.dtype == jnp.bfloat16 and model.conv2.dtype is None and model.kernelnet.fc1.dtype is None
+    x = jnp.asarray(_input((1, 16, 16, 3), seed=5))
+    y = np.asarray(model(x, jnp.full((1, 7, 7), 1 / 49, jnp.float32)))
+    assert y.dtype == np.float32
+    rounded = np.asarray(jnp.asarray(y).astype(jnp.bfloat16).astype(jnp.float32))
+    assert np.mean(rounded != y) > 0.5  # most values carry more than bfloat16's 8 significant bits

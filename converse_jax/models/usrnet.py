@@ -61,7 +61,10 @@ class ConverseUSRNet(nnx.Module):
     ``prior`` is a :class:`~converse_jax.nn.BlockStack`; ``scan_blocks`` chooses its scan or unrolled loop.
     ``precision``: ``"float32"`` or ``"bf16"`` (None: the default, :mod:`converse_jax.nn.precision`). The
     data step, and KernelNet and the kernel convolutions that make its kernels, run in float32 either
-    way: bfloat16-rounded kernels cost the solver accuracy, and these layers work on 7x7 maps only.
+    way: bfloat16-rounded kernels cost the solver accuracy, and these layers work on 7x7 maps only. So
+    does ``conv2``, the last 1x1 convolution (64 -> 3 channels), whose output is the restored image:
+    rounded to bfloat16 (8 significant bits, a step of 1/256 near 1, as coarse as the 8-bit images
+    the network is scored on) it cost most of bf16's loss against float32 (docs/precision.md).
     """
 
     def __init__(self, in_channels: int = 3, features: int = 64, num_blocks: int = 7, num_iterations: int = 5,
@@ -79,9 +82,10 @@ class ConverseUSRNet(nnx.Module):
         self.prior = BlockStack(num_blocks, lambda r: ConverseBlock(
             features, kernel_size, padding=padding, padding_mode=padding_mode, alpha=True, mixer=mixer,
             dtype=dtype, param_dtype=param_dtype, rngs=r), scan_blocks=scan_blocks, rngs=rngs)
+        f32_kw = dict(param_dtype=param_dtype, rngs=rngs)  # the float32 parts (see the class docstring)
         self.conv1 = pointwise(in_channels, features, **kw)
-        self.conv2 = pointwise(features, in_channels, **kw)
-        solver_kw = dict(param_dtype=param_dtype, rngs=rngs)  # the data step's kernels: float32 (see above)
+        self.conv2 = pointwise(features, in_channels, **f32_kw)  # writes the image: not rounded to bfloat16
+        solver_kw = f32_kw  # the data step's kernels
         self.kernelnet = KernelNet(blur_kernel_size, **solver_kw)
         self.kernel_convs = nnx.List([pointwise(KERNEL_FEATURES, features, **solver_kw)
                                       for _ in range(num_iterations)])
