@@ -13,7 +13,10 @@ and depthwise convolutions take bfloat16 inputs, while
 - the Converse2D solver (and USRNet's data step) runs in float32: its input is cast up and its output
   cast back, because XLA's FFTs take no bfloat16 and the division by ``|K|² + λ`` needs the range;
 - the residual sums stay in the stream's dtype (float32 when the network's input is), and every
-  network returns float32 for float32 input.
+  network returns float32 for float32 input;
+- Converse-USRNet also keeps in float32 the layers that make its data step's kernels and its last
+  1x1 convolution, whose output is the restored image (rounded to bfloat16 it cost most of bf16's
+  accuracy loss on that network).
 
 See docs/precision.md for the accuracy and speed this gives.
 
