@@ -194,3 +194,19 @@ def test_bf16_usrnet_writes_its_image_in_float32():
     assert y.dtype == np.float32
     rounded = np.asarray(jnp.asarray(y).astype(jnp.bfloat16).astype(jnp.float32))
     assert np.mean(rounded != y) > 0.5  # most values carry more than bfloat16's 8 significant bits
+
+
+def test_bf16_check_parts_name_real_layers_and_reject_unknown_ones(tmp_path, capsys):
+    """The ablation's parts (benchmarks.bf16_check --only=parts) select USRNet layers that have a compute dtype."""
+    from benchmarks import bf16_check
+
+    model = models.create("usrnet", rngs=0, precision="bf16", features=8, num_blocks=1, num_iterations=2)
+    for part, select in bf16_check.USRNET_PARTS.items():
+        layers = select(model)
+        assert part in ("float32", "bf16") or layers, part
+        assert all(hasattr(layer, "dtype") for layer in layers), part
+    assert model.conv1 in bf16_check.USRNET_PARTS["conv1"](model)
+    assert bf16_check.main(["--only=parts", "--parts=conv1,conv3", f"--out={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "conv3" in err and "parts float32, bf16, conv1" in err
+    assert not list(tmp_path.iterdir())  # nothing written
