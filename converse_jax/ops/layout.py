@@ -159,9 +159,11 @@ def _padded_planes_jvp(pad: int, mode: str, primals: tuple[Array], tangents: tup
 
 
 # Reverse mode transposes the output of :func:`cropped_channels_last` back towards channels-first. One
-# whole-array transpose does that in a single pass as long as the cache lines that one plane's sweep touches
-# (one per pixel of a sample) stay in the cache; beyond this many bytes per sample, a loop over rows is faster.
-ROW_SCAN_MIN_BYTES = 4 << 20
+# whole-array transpose does that in a single pass while the cache lines that one plane's sweep touches (one
+# per pixel of a sample: a sixteenth of the sample's bytes with 64-byte lines, float32 and C >= 16) stay
+# in a core's caches; from this many bytes of planes per sample (about a megabyte of such lines at C = 128)
+# a loop over rows is faster.
+ROW_SCAN_MIN_BYTES = 16 << 20
 
 
 def _crop_transpose(planes: Array, crop: int) -> Array:
