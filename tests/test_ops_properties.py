@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from converse_jax.ops import PADDING_MODES, converse2d, lambda_from_bias, p2o
+from converse_jax.ops import PADDING_MODES, converse2d, converse2d_channels_first, lambda_from_bias, p2o
 
 SETTINGS = settings(max_examples=6, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -249,6 +249,7 @@ def test_channels_last_to_padded_planes_and_back_equal_plain_transposes_with_the
     x = jnp.asarray(rng.standard_normal((2, 5, 7, 3)))
     pad = 2
     monkeypatch.setattr("converse_jax.ops.layout.ROW_LOOP_MIN_BYTES", 0)  # the loop even for this small input
+    monkeypatch.setattr("converse_jax.ops.layout.ROW_SCAN_MIN_BYTES", 0)  # and the scan on the way back
     ref = jnp.pad(jnp.moveaxis(x, -1, 1), [(0, 0), (0, 0), (pad, pad), (pad, pad)],
                   mode={"circular": "wrap", "reflect": "reflect", "replicate": "edge", "constant": "constant"}[mode])
     out = jax.jit(lambda a: padded_planes(a, pad, mode))(x)
@@ -267,6 +268,8 @@ def test_channels_last_to_padded_planes_and_back_equal_plain_transposes_with_the
     ct_back = jnp.asarray(rng.standard_normal(back.shape))
     (gb,) = jax.vjp(lambda p: cropped_channels_last(p, 2), planes)[1](ct_back)
     np.testing.assert_array_equal(gb, jnp.zeros_like(planes).at[:, :, 2:7, 2:9].set(jnp.moveaxis(ct_back, -1, 1)))
+    tangent = jax.jit(lambda p: jax.jvp(lambda q: cropped_channels_last(q, 2), (p,), (p,))[1])(planes)
+    np.testing.assert_array_equal(tangent, back)
 
 
 def test_channels_last_fft_path_builds_its_planes_row_by_row_on_cpu_and_keeps_forward_mode():
@@ -285,3 +288,38 @@ def test_channels_last_fft_path_builds_its_planes_row_by_row_on_cpu_and_keeps_fo
     # The operator is linear in x, so its tangent along x equals its value at x.
     value, tangent = jax.jvp(lambda a: converse2d(a, kernel, 1e-2, scale=2), (x,), (x,))
     np.testing.assert_allclose(tangent, value, atol=1e-5)
+
+
+def test_large_channels_last_planes_send_the_cotangent_back_row_by_row_with_every_transformation(monkeypatch):
+    """Above ROW_SCAN_MIN_BYTES per sample, the crop back to channels-last is differentiated through a scan
+    over rows (ops.layout): its gradient (a loop in the compiled reverse pass), jvp and vmap of the gradient
+    equal those of the channels-first operator on the same values."""
+    import converse_jax.ops.layout as layout
+
+    monkeypatch.setattr(layout, "ROW_SCAN_MIN_BYTES", 0)  # the scan even for these small planes
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.standard_normal((2, 6, 7, 3)), jnp.float32)
+    kernel = jnp.asarray(rng.random((3, 3, 3)), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((2, 6, 7, 3)), jnp.float32)
+    kw = dict(padding=2, padding_mode="circular")
+
+    def loss_last(a, k):
+        return jnp.sum(converse2d(a, k, 1e-2, **kw) * ct)
+
+    def loss_first(a, k):
+        out = converse2d_channels_first(jnp.moveaxis(a, -1, 1), jnp.moveaxis(k, -1, 0), 1e-2, **kw)
+        return jnp.sum(jnp.moveaxis(out, 1, -1) * ct)
+
+    grad_last = jax.jit(jax.grad(loss_last, argnums=(0, 1)))
+    if jax.default_backend() == "cpu":
+        assert "while(" in grad_last.lower(x, kernel).compile().as_text()
+    for a, b in zip(grad_last(x, kernel), jax.grad(loss_first, argnums=(0, 1))(x, kernel), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # forward mode: the operator is linear in x
+    value, tangent = jax.jvp(lambda a: converse2d(a, kernel, 1e-2, **kw), (x,), (x,))
+    np.testing.assert_allclose(tangent, value, rtol=1e-4, atol=1e-5)
+    # vmap of the gradient over a leading axis equals per-item gradients
+    xs = jnp.stack([x, 2 * x])
+    batched = jax.jit(jax.vmap(jax.grad(loss_last), in_axes=(0, None)))(xs, kernel)
+    for i in range(2):
+        np.testing.assert_allclose(batched[i], jax.grad(loss_first)(xs[i], kernel), rtol=1e-4, atol=1e-5)
