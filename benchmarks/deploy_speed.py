@@ -79,8 +79,10 @@ def run(args: argparse.Namespace) -> int:
     if base_name not in calls:
         raise SystemExit(f"error: --ratio-to {base_name!r} is not a timed variant: choose one of {', '.join(calls)}")
     for name, call in calls.items():  # also the warm-up round (compilation, session set-up)
+        t0 = time.perf_counter()
         out = np.asarray(call())
-        print(f"{name}: max |difference to library| {np.abs(out - ref).max():.2e}", flush=True)
+        print(f"{name}: max |difference to library| {np.abs(out - ref).max():.2e}; warm-up call "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
     times: dict[str, list[float]] = {name: [] for name in calls}
     for r in range(args.repeats):
         for name, call in calls.items():
