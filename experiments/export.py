@@ -2,14 +2,17 @@
 
     python -m experiments.export --model=NAME --format=stablehlo|onnx --height=H --width=W --out=PATH
         [--weights=PATH | --arch=K=V,... [--seed=N]] [--batch=B] [--sf=1] [--platforms=cpu,cuda]
-        [--fft=matmul|dft] [--opset=N] [--overwrite]
+        [--fft=matmul|dft] [--opset=N] [--precision=float32|bf16] [--overwrite]
 
 The artifact computes the network's task forward for NHWC float32 images in [0, 1] of exactly
 H x W pixels (the Converse2D FFT sizes depend on them); non-blind networks (usrnet) take a second
 input, the (B, 7, 7) blur kernels, and export with a fixed --sf. Without --batch the batch is
 symbolic (StableHLO) or 1 (ONNX, whose batch is fixed). Without --weights: the released weights, or with
---arch a freshly initialised smaller network (seed --seed). PATH.json describes the artifact
-(shapes, layout, value range, weights' SHA-256, versions). See docs/deploy.md.
+--arch a freshly initialised smaller network (seed --seed). --precision=bf16 exports the network's
+mixed-precision forward (bfloat16 compute, float32 parameters, inputs and outputs; docs/precision.md),
+StableHLO only: ONNX Runtime's CPU provider has no bfloat16 kernels for the graph's operators.
+PATH.json describes the artifact (shapes, layout, value range, precision, weights' SHA-256, versions).
+See docs/deploy.md.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments._cli import run_main
+from experiments._cli import add_precision_flag, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fft", choices=("matmul", "dft"), default=None,
                    help="ONNX only: the 2-D FFTs as products with DFT matrices (default; constants) or as 1-D "
                         "DFT nodes (opset >= 20, no constants); docs/deploy.md compares their speed")
-    # --precision (bf16 mixed precision) goes here once models take a `precision` argument: see load().
+    add_precision_flag(p)
     p.add_argument("--out", required=True, help="artifact path (.stablehlo / .onnx); PATH.json is written too")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return p
@@ -67,21 +70,23 @@ def check_out(out: Path, overwrite: bool) -> None:
 def load(args: argparse.Namespace):
     """(model, model spec, weights path or None, arch dict). The weights are found as every command
     finds them (converse_jax.weights.pretrained.find_weights), unless --arch without --weights asks
-    for a freshly initialised network."""
+    for a freshly initialised network. The network is built in --precision."""
     from flax import nnx
 
     from converse_jax import evaluation as E
     from converse_jax.models import create
+    from converse_jax.nn.precision import default_precision
     from converse_jax.train.config import parse_model_kwargs
     from converse_jax.weights.pretrained import load_with_source
 
     spec = E.get_model_spec(args.model)
     arch = parse_model_kwargs(args.arch) if args.arch is not None else None
     if arch is None or args.weights is not None:
-        loaded = load_with_source(args.model, args.weights, arch=arch)
+        with default_precision(args.precision):
+            loaded = load_with_source(args.model, args.weights, arch=arch)
         return loaded.model, spec, str(loaded.weights.path), loaded.arch
     try:
-        model = create(args.model, rngs=nnx.Rngs(args.seed), **arch)
+        model = create(args.model, rngs=nnx.Rngs(args.seed), precision=args.precision, **arch)
     except TypeError as exc:
         raise ValueError(f"--arch {args.arch!r} does not fit {args.model}: {exc}") from None
     return model, spec, None, arch
@@ -95,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
     platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())
     if args.format != "onnx" and (args.fft is not None or args.opset is not None):
         raise ValueError("--fft and --opset apply to --format=onnx only; drop them for StableHLO")
+    if args.format == "onnx":
+        from converse_jax.export.onnx_export import check_onnx_precision
+        check_onnx_precision(args.precision)
     spec = X.ExportSpec(height=args.height, width=args.width, batch=args.batch, sf=args.sf, platforms=platforms)
     from converse_jax import evaluation as E
     if args.sf != 1 and not E.get_model_spec(args.model).task.takes_kernel:
@@ -102,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model, mspec, weights, arch = load(args)
-    print(f"exporting {args.model} as {args.format} for {args.height}x{args.width} ...", file=sys.stderr, flush=True)
+    print(f"exporting {args.model} ({args.precision}) as {args.format} for {args.height}x{args.width} ...",
+          file=sys.stderr, flush=True)
     if args.format == "stablehlo":
         blob = X.export_stablehlo(model, mspec, spec).serialize()
         how = "jax.export.deserialize(bytearray(open(PATH, 'rb').read())).call(x[, kernel])"

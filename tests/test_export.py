@@ -16,6 +16,8 @@ from flax import nnx
 
 from converse_jax import export as X
 from converse_jax.models import create, get_spec
+from converse_jax.nn import precision as P
+from converse_jax.train.config import parse_model_kwargs
 from experiments import export as cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +27,20 @@ SMALL = {  # small architectures of the four networks (fresh weights): the expor
     "conversenet": dict(features=8, num_blocks=1, num_iterations=2),
     "usrnet": dict(features=8, num_blocks=1, num_iterations=2),
 }
+
+# Largest |bf16 artifact - float32 library| accepted for the small fresh networks below: half a bfloat16
+# ulp at 1 (8 mantissa bits), one rounding of an image value. They differ by about 1.5e-5 (their
+# freshly initialised branches add little to the residual stream); the released networks differ by
+# 7.5e-3 (DnCNN) to 3.7e-2 (USRNet) at 64², docs/deploy.md.
+BF16_VS_FLOAT32_ATOL = 2.0**-9
+
+
+@pytest.fixture(autouse=True)
+def _restore_default_precision(monkeypatch):
+    """The command's --precision sets the process default and $CONVERSE_JAX_PRECISION: put both back."""
+    monkeypatch.setattr(P, "_default", [P.get_default_precision()])
+    monkeypatch.setenv(P.ENV_VAR, P.get_default_precision())
+
 
 # Runs in a fresh interpreter with JAX only: loads each artifact, checks that no converse_jax module
 # was imported, and saves the outputs.
@@ -145,9 +161,47 @@ def test_cli_onnx_writes_artifact_and_description(tmp_path):
     assert cli.main(["--model=dncnn", "--arch=features=8,num_blocks=1", "--format=onnx", "--height=12",
                      "--width=10", "--fft=matmul", f"--out={out}"]) == 0
     meta = json.loads(Path(str(out) + ".json").read_text())
-    assert meta["onnx"]["fft"] == "matmul" and meta["batch_size"] == 1
+    assert meta["onnx"]["fft"] == "matmul" and meta["batch_size"] == 1 and meta["precision"] == "float32"
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == ["x"] and list(sess.get_inputs()[0].shape) == [1, 12, 10, 1]
+
+
+@pytest.mark.parametrize("name, arch", [("dncnn", "features=8,num_blocks=1"),
+                                        ("usrnet", "features=8,num_blocks=1,num_iterations=2")])
+def test_cli_stablehlo_bf16_reloads_and_matches_library(tmp_path, name, arch):
+    out = tmp_path / f"{name}_bf16.stablehlo"
+    assert cli.main([f"--model={name}", f"--arch={arch}", "--format=stablehlo", "--height=16", "--width=20",
+                     "--precision=bf16", "--seed=3", f"--out={out}"]) == 0
+    meta = json.loads(Path(str(out) + ".json").read_text())
+    assert meta["precision"] == "bf16"
+    assert {d["dtype"] for d in meta["inputs"] + meta["outputs"]} == {"float32"}
+    exp = jax.export.deserialize(bytearray(out.read_bytes()))
+    assert [a.dtype for a in exp.in_avals + exp.out_avals] == [np.float32] * (len(exp.in_avals) + 1)
+    x, k = _inputs(name, 2, 16, 20)
+    got = np.asarray(exp.call(x, *([] if k is None else [k])))
+    batch = {"input": x} if k is None else {"input": x, "kernel": k}
+    refs, task = {}, get_spec(name).task
+    for precision in ("bf16", "float32"):  # the same parameters (seed 3) in both precisions
+        model = create(name, rngs=nnx.Rngs(3), precision=precision, **parse_model_kwargs(arch))
+        refs[precision] = np.asarray(jax.jit(lambda b, m=model: task.forward(m, b))(batch))
+    np.testing.assert_allclose(got, refs["bf16"], rtol=0, atol=1e-6)
+    diff = np.abs(got - refs["float32"]).max()
+    assert 0 < diff < BF16_VS_FLOAT32_ATOL, diff  # it computed in bfloat16, within bfloat16's rounding
+
+
+def test_onnx_bf16_refused_before_loading(tmp_path, capsys):
+    out = tmp_path / "d.onnx"
+    args = ["--model=dncnn", "--weights=/nonexistent/w.pth", "--format=onnx", "--height=16", "--width=16",
+            "--precision=bf16", f"--out={out}"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "float32 only" in err[0] and "--format=stablehlo --precision=bf16" in err[0], err
+    assert not out.exists() and not Path(str(out) + ".json").exists()
+    from converse_jax.export import onnx_export as O
+
+    model = create("dncnn", rngs=nnx.Rngs(0), precision="bf16", features=8, num_blocks=1)
+    with pytest.raises(ValueError, match="float32 only"):  # the library refuses it too
+        O.export_onnx(model, get_spec("dncnn"), X.ExportSpec(height=16, width=16))
 
 
 def test_realify_matches_fft_and_complex_ops():

@@ -4,7 +4,10 @@ ONNX Runtime has no complex tensors and ONNX's ``DFT`` operator is one-dimension
 converts only 1-D FFTs. The forward is therefore first rewritten by :func:`realify.realify`: the
 Converse2D filters become constants and each 2-D FFT becomes products with DFT matrices, which
 jax2onnx emits as ``MatMul`` / ``Einsum`` nodes. The batch is fixed per ONNX model (jax2onnx's
-``Pad`` lowering does not accept a symbolic batch).
+``Pad`` lowering does not accept a symbolic batch). Only float32 networks export: jax2onnx writes a
+bf16 network's graph, but ONNX Runtime's CPU provider has no bfloat16 kernels for its operators
+(``MatMul``, ``Add``, ``Mul``, ``Erf``, ...; ``Einsum`` takes no bfloat16 at all), so
+:func:`check_onnx_precision` refuses it up front.
 
 Needs the ``export`` extra: ``pip install -e ".[export]"``.
 """
@@ -25,6 +28,18 @@ DEFAULT_FFT = "matmul"  # the faster in ONNX Runtime on CPU at the networks' siz
 FFT_DESCRIPTION = {"matmul": "DFT-matrix products (MatMul/Einsum with shared constant matrices)",
                    "dft": "1-D ONNX DFT nodes (opset >= 20; real input onesided, inverse real FFT via the "
                           "Hermitian-completed spectrum)"}
+
+
+BF16_REFUSAL = ("ONNX export is float32 only (ONNX Runtime's CPU provider has no bfloat16 kernels for the "
+                "graph's MatMul/Einsum/Add/Mul/Erf); export float32 ONNX (--precision=float32), or bf16 as "
+                "StableHLO (--format=stablehlo --precision=bf16)")
+
+
+def check_onnx_precision(precision: str) -> None:
+    """A one-line ValueError unless ``precision`` is ``"float32"`` (see the module docstring)."""
+    if precision != "float32":
+        raise ValueError(BF16_REFUSAL if precision == "bf16" else
+                         f"ONNX export is float32 only, got precision {precision!r}; use --precision=float32")
 
 
 def _require() -> tuple[Any, Any]:
@@ -82,6 +97,7 @@ def export_onnx(model: nnx.Module, model_spec: Any, spec: ExportSpec, opset: int
     """
     if fft not in FFT_MODES:
         raise ValueError(f"fft must be one of {', '.join(FFT_MODES)}, got {fft!r}")
+    check_onnx_precision(getattr(model, "precision", "float32"))
     opset = opset or DEFAULT_OPSET
     if fft == "dft" and opset < 20:
         raise ValueError(f"--fft=dft needs opset 20 or later (DFT with its axis as an input), got {opset}; "

@@ -99,7 +99,9 @@ def file_sha256(path: str | Path) -> str:
 def describe(model_spec: Any, spec: ExportSpec, *, fmt: str, model: nnx.Module, weights: str | None,
              arch: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The artifact's JSON description: model, inputs and output (shapes, dtypes, NHWC layout, value
-    range), weights (file and SHA-256, parameter SHA-256) and the versions it was made with."""
+    range), compute precision (the network's ``precision``: ``float32`` or ``bf16``, whose inputs,
+    outputs and parameters are float32 too), weights (file and SHA-256, parameter SHA-256) and the
+    versions it was made with."""
     import converse_jax
 
     task = model_spec.task
@@ -114,7 +116,8 @@ def describe(model_spec: Any, spec: ExportSpec, *, fmt: str, model: nnx.Module, 
               "dtype": "float32", "layout": "NHWC", "range": [0.0, 1.0], "clipped": False}
     out = {
         "format": fmt, "format_version": FORMAT_VERSION, "model": model_spec.name, "task": task.name,
-        "description": model_spec.description, "arch": dict(arch or {}), "sf": spec.sf if task.takes_kernel else None,
+        "description": model_spec.description, "precision": getattr(model, "precision", "float32"),
+        "arch": dict(arch or {}), "sf": spec.sf if task.takes_kernel else None,
         "batch": "symbolic" if spec.batch is None else "fixed", "inputs": inputs, "outputs": [output],
         "weights": {"file": None if weights is None else str(weights),
                     "sha256": None if weights is None else file_sha256(weights),
