@@ -107,9 +107,11 @@ def test_quickstart_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     for name in ("converse_dncnn.pth", "converse_srresnet.pth", "conversenet.pth", "converse_usrnet.pth"):
         require_asset("weights", name)
     probe = (f"import json, sys\nprint({MARK!r} + json.dumps({{'prefix': sys.prefix, 'results': RESULTS, "
-             "'weights': str(WEIGHTS_DIR), 'nets': sorted(nets)}))")
-    nb, info = _execute("quickstart.ipynb", tmp_path, monkeypatch, probe, CONVERSE_WEIGHTS_DIR=str(weights))
-    assert info["weights"] == str(weights)
+             "'weights': {k: [str(w.path), w.source] for k, w in WEIGHTS.items()}, 'nets': sorted(nets)}))")
+    # The notebook uses the library's lookup: with CONVERSE_ASSETS set, every file comes from its weights/.
+    nb, info = _execute("quickstart.ipynb", tmp_path, monkeypatch, probe, CONVERSE_ASSETS=str(weights.parent))
+    assert {k: src for k, (_, src) in info["weights"].items()} == dict.fromkeys(info["nets"], "assets folder")
+    assert all(Path(path).parent.resolve() == weights.resolve() for path, _ in info["weights"].values())
     assert info["nets"] == ["conversenet", "dncnn", "srresnet", "usrnet"]
     results = info["results"]
     assert set(results) == {"denoise", "sr", "deblur", "deblur_nonblind"}
