@@ -123,11 +123,26 @@ def cases(spec: Any, images: list[tuple[str, np.ndarray]], args: argparse.Namesp
                 yield kind, name, kid, gt, lq
 
 
+def select_images(images: list, names: list[str], dataset: str) -> list:
+    """The test images named in ``names`` (file name with or without its extension; all when empty),
+    refusing names that match none so that a typo does not silently measure nothing."""
+    if not names:
+        return images
+    stem = lambda n: n.rsplit(".", 1)[0]  # noqa: E731
+    wanted = {stem(n) for n in names}
+    chosen = [im for im in images if stem(im[0]) in wanted]
+    missing = sorted(wanted - {stem(im[0]) for im in chosen})
+    if missing:
+        have = ", ".join(im[0] for im in images)
+        raise SystemExit(f"error: --names {', '.join(missing)} not among the {dataset} images ({have})")
+    return chosen
+
+
 def measure_model(name: str, args: argparse.Namespace, log: Any) -> list[dict[str, Any]]:
     """All rows of one model: whole image once per case, then every tile setting."""
     model, spec = E.load_model(name)
     images = E.load_test_images(E.dataset_dir(spec.protocol.dataset), spec.protocol.color)
-    images = [im for im in images if not args.names or im[0] in args.names]
+    images = select_images(images, args.names, spec.protocol.dataset)
     images = images[:args.images] if args.images else images
     whole_r = E.Restorer(model, spec.task)
     contexts = args.contexts if args.contexts is not None else [spec.task.tile_context]

@@ -285,3 +285,14 @@ def test_an_imported_ipykernel_is_not_a_notebook():
     from converse_jax.console import in_notebook, interactive
 
     assert not in_notebook() and not interactive(io.StringIO())
+
+
+def test_tile_accuracy_selects_images_by_name_with_or_without_extension():
+    from benchmarks.tile_accuracy import select_images
+
+    images = [("bird.bmp", None), ("baby.bmp", None)]
+    assert [im[0] for im in select_images(images, ["bird"], "Set5")] == ["bird.bmp"]
+    assert [im[0] for im in select_images(images, ["baby.bmp"], "Set5")] == ["baby.bmp"]
+    assert select_images(images, [], "Set5") == images
+    with pytest.raises(SystemExit, match="brid not among the Set5 images"):
+        select_images(images, ["brid"], "Set5")
