@@ -35,6 +35,7 @@ from converse_jax.assets import asset
 from converse_jax.console import interactive, progress_bar
 from converse_jax.imageio import list_images, read_image, write_image
 from converse_jax.models import get_spec, list_models
+from converse_jax.nn.precision import model_precision
 from converse_jax.tasks import DENOISE, Task, jit_forward
 from converse_jax.tiling import MemoryModel, TiledRestorer, choose_tile, fit_memory_model
 from converse_jax.weights import load_pretrained
@@ -382,13 +383,6 @@ def evaluate(model: Any, spec: Any, images: str | Path | Sequence[tuple[str, np.
         bar.close()
         runs.append(RunResult(results, kernel=kid, paper=paper_value(protocol, dataset, kid)))
     return EvalReport(spec.name, dataset, spec.task, protocol, runs, x8=x8, precision=model_precision(model))
-
-
-def model_precision(model: Any) -> str | None:
-    """The compute precision a network was built with (its ``precision``, :mod:`converse_jax.nn.precision`),
-    which the reports record beside the figures; None for a model that does not say."""
-    precision = getattr(model, "precision", None)
-    return precision if isinstance(precision, str) else None
 
 
 class _ImageProgress:

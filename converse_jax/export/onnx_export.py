@@ -22,6 +22,7 @@ from flax import nnx
 
 from converse_jax.export.realify import FFT_MODES, dft_p, realify
 from converse_jax.export.stablehlo import ExportSpec, forward_fn
+from converse_jax.nn.precision import model_precision
 
 DEFAULT_OPSET = 23
 DEFAULT_FFT = "matmul"  # the faster in ONNX Runtime on CPU at the networks' sizes (docs/deploy.md)
@@ -97,7 +98,7 @@ def export_onnx(model: nnx.Module, model_spec: Any, spec: ExportSpec, opset: int
     """
     if fft not in FFT_MODES:
         raise ValueError(f"fft must be one of {', '.join(FFT_MODES)}, got {fft!r}")
-    check_onnx_precision(getattr(model, "precision", "float32"))
+    check_onnx_precision(model_precision(model, "float32"))
     opset = opset or DEFAULT_OPSET
     if fft == "dft" and opset < 20:
         raise ValueError(f"--fft=dft needs opset 20 or later (DFT with its axis as an input), got {opset}; "

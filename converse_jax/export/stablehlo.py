@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from converse_jax.nn.precision import model_precision
+
 FORMAT_VERSION = 1
 
 
@@ -116,7 +118,7 @@ def describe(model_spec: Any, spec: ExportSpec, *, fmt: str, model: nnx.Module, 
               "dtype": "float32", "layout": "NHWC", "range": [0.0, 1.0], "clipped": False}
     out = {
         "format": fmt, "format_version": FORMAT_VERSION, "model": model_spec.name, "task": task.name,
-        "description": model_spec.description, "precision": getattr(model, "precision", "float32"),
+        "description": model_spec.description, "precision": model_precision(model, "float32"),
         "arch": dict(arch or {}), "sf": spec.sf if task.takes_kernel else None,
         "batch": "symbolic" if spec.batch is None else "fixed", "inputs": inputs, "outputs": [output],
         "weights": {"file": None if weights is None else str(weights),

@@ -85,9 +85,8 @@ class ConverseUSRNet(nnx.Module):
         f32_kw = dict(param_dtype=param_dtype, rngs=rngs)  # the float32 parts (see the class docstring)
         self.conv1 = pointwise(in_channels, features, **kw)
         self.conv2 = pointwise(features, in_channels, **f32_kw)  # writes the image: not rounded to bfloat16
-        solver_kw = f32_kw  # the data step's kernels
-        self.kernelnet = KernelNet(blur_kernel_size, **solver_kw)
-        self.kernel_convs = nnx.List([pointwise(KERNEL_FEATURES, features, **solver_kw)
+        self.kernelnet = KernelNet(blur_kernel_size, **f32_kw)  # the data step's kernels
+        self.kernel_convs = nnx.List([pointwise(KERNEL_FEATURES, features, **f32_kw)
                                       for _ in range(num_iterations)])
 
     def data_weight(self) -> jax.Array:

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["ENV_VAR", "PRECISIONS", "check_precision", "compute_dtype", "default_precision", "full_dtype",
-           "get_default_precision", "set_default_precision"]
+           "get_default_precision", "model_precision", "set_default_precision"]
 
 # name -> compute dtype (None: no cast, the dtype of the parameters and inputs).
 _COMPUTE_DTYPES: dict[str, Any] = {"float32": None, "bf16": jnp.bfloat16}
@@ -100,3 +100,10 @@ def full_dtype(x: jax.Array) -> Any:
     """``x``'s dtype widened to at least float32 (bfloat16 -> float32; float64 stays float64): the dtype
     the Converse2D solver and LayerNorm statistics run in, and the dtype a network returns."""
     return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def model_precision(model: Any, default: str | None = None) -> str | None:
+    """The compute precision a network was built with (its ``precision`` attribute), which reports and
+    exported artifacts record beside their figures; ``default`` for a model that does not say."""
+    precision = getattr(model, "precision", None)
+    return precision if isinstance(precision, str) else default
