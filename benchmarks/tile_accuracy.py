@@ -29,7 +29,7 @@ import numpy as np
 
 from converse_jax import degradations as D
 from converse_jax import evaluation as E
-from converse_jax.tiling import BORDERS, TiledRestorer
+from converse_jax.tiling import BORDERS, TiledRestorer, axis_context
 
 MODELS = ("dncnn", "srresnet", "conversenet", "usrnet")
 INPUTS = ("protocol", "photo")
@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="paper kernels for the deblurring networks (1..5)")
     p.add_argument("--images", type=int, default=0, help="use the first N test images only (0: all)")
     p.add_argument("--names", default="", help="comma-separated test image file names to use (default: all)")
+    p.add_argument("--no-photo-border", dest="photo_border", action="store_false",
+                   help="restore the photos without the tapered border that experiments.restore adds for "
+                        "networks with a task.photo_margin (Converse-USRNet); it is on by default")
     p.add_argument("--json", type=Path, help="write the rows here (refused if the file exists)")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -138,6 +141,28 @@ def select_images(images: list, names: list[str], dataset: str) -> list:
     return chosen
 
 
+def _distinct_settings(args: argparse.Namespace, contexts: list[int], borders: list[str],
+                       log: Any) -> list[tuple[int, int, int, str]]:
+    """(tile, overlap, context, border) to measure: overlaps below half the tile, and one setting per
+    context the tile actually gets (contexts are capped at a quarter of the tile), saying which it dropped."""
+    settings: list[tuple[int, int, int, str]] = []
+    for t in args.tiles:
+        for o in args.overlaps:
+            if 2 * o >= t:
+                log(f"  tile {t} overlap {o}: skipped, the overlap must be under half the tile")
+                continue
+            for b in borders:
+                seen: dict[int, int] = {}
+                for c in contexts:
+                    used = axis_context(10 * t, t, c)  # the context a tile gets inside a large image
+                    if used in seen:
+                        log(f"  tile {t} context {c}: as context {seen[used]} (capped at {used} px), measured once")
+                        continue
+                    seen[used] = c
+                    settings.append((t, o, c, b))
+    return settings
+
+
 def measure_model(name: str, args: argparse.Namespace, log: Any) -> list[dict[str, Any]]:
     """All rows of one model: whole image once per case, then every tile setting."""
     model, spec = E.load_model(name)
@@ -147,26 +172,32 @@ def measure_model(name: str, args: argparse.Namespace, log: Any) -> list[dict[st
     whole_r = E.Restorer(model, spec.task)
     contexts = args.contexts if args.contexts is not None else [spec.task.tile_context]
     borders = args.borders or [spec.task.tile_border]
-    settings = [(t, o, c, b) for t in args.tiles for o in args.overlaps for c in contexts for b in borders
-                if 2 * o < t]
+    settings = _distinct_settings(args, contexts, borders, log)
     restorers = {s: TiledRestorer(model, spec.task, scale=int(spec.scale), tile=s[0], overlap=s[1], context=s[2],
                                   border=s[3], blend=args.blend) for s in settings}
+    margin = E.photo_margin(spec, args.photo_border)
     rows = []
     for kind, img, kid, gt, lq in cases(spec, images, args):
         kernel = D.paper_kernel(kid) if spec.task.takes_kernel else None
+        # photos get the border experiments.restore gives them; protocol inputs wrap around as blurred
+        as_input = (lambda r: E.PhotoRestorer(r, margin, int(spec.scale))) if kind == "photo" and margin else None
         t0 = time.perf_counter()
-        whole = whole_r(lq, kernel)
+        whole = (as_input(whole_r) if as_input else whole_r)(lq, kernel)
         base = _score(spec, whole, gt)
-        log(f"{name} {kind} {img} k{kid} {lq.shape[0]}x{lq.shape[1]}: whole {base:.3f} dB "
+        plain = _score(spec, whole_r(lq, kernel), gt) if as_input else base
+        border_note = f" (without the {margin} px photo border: {plain:.3f} dB)" if as_input else ""
+        log(f"{name} {kind} {img} k{kid} {lq.shape[0]}x{lq.shape[1]}: whole {base:.3f} dB{border_note} "
             f"({time.perf_counter() - t0:.1f} s)")
         for (tile, overlap, context, border), r in restorers.items():
             if tile >= max(lq.shape[:2]):
-                continue  # one tile: the whole image
+                log(f"  tile {tile}: skipped, one tile covers the {lq.shape[0]}x{lq.shape[1]} input (the whole image)")
+                continue
             t0 = time.perf_counter()
-            tiled = r(lq, kernel)
+            tiled = (as_input(r) if as_input else r)(lq, kernel)
             row = dict(model=name, input=kind, image=img, kernel=kid, height=int(lq.shape[0]),
                        width=int(lq.shape[1]), tile=tile, overlap=overlap, context=context, border=border,
-                       blend=args.blend,                       whole_psnr=base, dpsnr=_score(spec, tiled, gt) - base,
+                       blend=args.blend, photo_margin=margin if as_input else 0, whole_psnr=base,
+                       whole_psnr_no_border=plain, dpsnr=_score(spec, tiled, gt) - base,
                        agreement=agreement(tiled, whole))
             rows.append(row)
             log(f"  tile {tile} overlap {overlap} context {context} {border}: dPSNR {row['dpsnr']:+.3f} dB, "
