@@ -57,6 +57,8 @@ __all__ = [
     "load_model",
     "load_test_images",
     "make_restorer",
+    "PhotoRestorer",
+    "photo_margin",
     "memory_budget",
     "memory_model",
     "model_precision",
@@ -485,16 +487,45 @@ DEFAULT_OVERLAP = 32  # input pixels shared by neighbouring tiles (see docs/rest
 CPU_BUDGET_GIB = 2.0  # the default memory budget's cap on CPU
 
 
+class PhotoRestorer:
+    """``restorer`` (whole or tiled) on a photo padded by ``margin`` pixels with
+    :func:`~converse_jax.degradations.pad_tapered` (the blur kernel it is given), its output cropped
+    back: for networks whose solver wraps around the whole image (``task.photo_margin``), whose
+    protocol inputs are blurred circularly but whose photos are not. Called like ``restorer``."""
+
+    def __init__(self, restorer: Any, margin: int, scale: int) -> None:
+        self.restorer, self.margin, self.scale = restorer, int(margin), int(scale)
+
+    def __call__(self, x: np.ndarray, kernel: np.ndarray | None = None, sf: int = 1,
+                 x8: bool = False) -> np.ndarray:
+        if kernel is None or self.margin == 0:
+            return self.restorer(x, kernel, sf=sf, x8=x8)
+        out = self.restorer(D.pad_tapered(np.asarray(x, np.float32), self.margin, kernel), kernel, sf=sf, x8=x8)
+        c = self.margin * self.scale * int(sf)
+        return out[c:out.shape[0] - c, c:out.shape[1] - c]
+
+
+def photo_margin(spec: Any, photo: bool) -> int:
+    """Pixels :class:`PhotoRestorer` adds on each side of a photo for this model (0 for protocol inputs)."""
+    return int(spec.task.photo_margin) if photo else 0
+
+
 def make_restorer(model: Any, spec: Any, tile: int = 0, overlap: int = DEFAULT_OVERLAP, *, batch: int = 1,
-                  blend: str = "crop", on_tile: Callable[[int, int], None] | None = None) -> Any:
+                  blend: str = "crop", on_tile: Callable[[int, int], None] | None = None,
+                  photo: bool = False) -> Any:
     """The whole-image :class:`Restorer` (``tile=0``) or a :class:`~converse_jax.tiling.TiledRestorer`
-    with tiles of ``tile`` input pixels sharing ``overlap``; both are called ``r(x, kernel, sf=, x8=)``."""
+    with tiles of ``tile`` input pixels sharing ``overlap``; both are called ``r(x, kernel, sf=, x8=)``.
+    ``photo``: the input is a photo, not a protocol input: networks with a ``task.photo_margin`` get it
+    (:class:`PhotoRestorer`)."""
     if tile < 0:
         raise ValueError(f"--tile must be >= 0 (0: the whole image), got {tile}")
     if tile == 0:
-        return Restorer(model, spec.task)
-    return TiledRestorer(model, spec.task, scale=int(spec.scale), tile=tile, overlap=overlap, batch=batch,
-                         blend=blend, on_tile=on_tile)
+        restorer: Any = Restorer(model, spec.task)
+    else:
+        restorer = TiledRestorer(model, spec.task, scale=int(spec.scale), tile=tile, overlap=overlap, batch=batch,
+                                 blend=blend, on_tile=on_tile)
+    margin = photo_margin(spec, photo)
+    return PhotoRestorer(restorer, margin, int(spec.scale)) if margin else restorer
 
 
 def memory_budget(max_memory_gib: float | None = None) -> float:
@@ -532,10 +563,13 @@ def memory_model(model: Any, spec: Any, sf: int = 1) -> MemoryModel:
     return fit_memory_model(model, spec.task, int(spec.in_channels), ksize, sf)
 
 
-def auto_tile(mem: MemoryModel, spec: Any, height: int, width: int, budget: float, sf: int = 1) -> int:
+def auto_tile(mem: MemoryModel, spec: Any, height: int, width: int, budget: float, sf: int = 1,
+              photo: bool = False) -> int:
     """0 (the whole image) when restoring a ``height`` x ``width`` input whole fits ``budget``
-    bytes by ``mem``'s estimate, else the largest standard tile that does."""
+    bytes by ``mem``'s estimate, else the largest standard tile that does (``photo``: with the
+    border :func:`make_restorer` adds to a photo)."""
     scale = int(spec.scale) * int(sf)
+    height, width = height + 2 * photo_margin(spec, photo), width + 2 * photo_margin(spec, photo)
 
     def estimate(tile: int) -> float:
         return mem.peak_bytes(height, width, int(spec.in_channels), scale, tile)

@@ -105,6 +105,10 @@ class Task:
     # What a tile at the image border sees beyond it (converse_jax.tiling.BORDERS): "clamp", the
     # network's own padding as for the whole image; "wrap", the opposite border (circular FFT solves).
     tile_border: str = "clamp"
+    # Restoring a photo (experiments.restore, not the test protocols, which blur circularly): input
+    # pixels added around it (degradations.pad_tapered, with the given blur kernel) and cropped from the
+    # output, for a network whose solver wraps around the whole image; 0: none (docs/restore.md).
+    photo_margin: int = 0
 
     def size_multiple(self, scale: int) -> int:
         """Training patches and validation crops must be multiples of this (``scale`` for SR)."""
@@ -249,6 +253,7 @@ class NonBlindDeblurring(BlindDeblurring):
     name, label = "deblur_nonblind", "non-blind deblurring"
     takes_kernel = True
     tile_context = 96  # five kernel-driven FFT solves reach further still (docs/restore.md)
+    photo_margin = 16  # its data step wraps the whole image (padding 0): a photo's edges would ring
 
     def forward(self, model: Callable[..., Any], batch: Batch, sf: int = 1) -> Any:
         return model(batch["input"], batch["kernel"], sf=sf)

@@ -119,12 +119,17 @@ def _restore_one(args: argparse.Namespace, ctx: dict, src: Path, dst: Path, inde
             print(f"estimating the memory {args.model} needs (XLA's analysis of two small compilations); "
                   "--tile=N skips this", file=sys.stderr, flush=True)
             ctx["mem"] = E.memory_model(ctx["model"], ctx["spec"], args.sf)
-        tile = E.auto_tile(ctx["mem"], ctx["spec"], h, w, ctx["budget"], args.sf)
-    how = "whole image" if tile == 0 or tile >= max(h, w) else f"tiles of {tile} px, overlap {args.tile_overlap}"
+        tile = E.auto_tile(ctx["mem"], ctx["spec"], h, w, ctx["budget"], args.sf, photo=True)
+    margin = E.photo_margin(ctx["spec"], True)
+    if tile >= max(h, w) + 2 * margin:
+        tile = 0  # one tile: the whole image
+    how = "whole image" if tile == 0 else f"tiles of {tile} px, overlap {args.tile_overlap}"
+    if margin:
+        how += f", {margin} px tapered border"
     print(f"{index} {src} ({w}x{h}): {how}", flush=True)
     progress = Progress(f"{src.name}", enabled=not args.no_progress)
     restorer = E.make_restorer(ctx["model"], ctx["spec"], tile, args.tile_overlap, blend=args.tile_blend,
-                                on_tile=progress)
+                                on_tile=progress, photo=True)
     t0 = time.monotonic()
     try:
         out = E.restore_array(restorer, ctx["spec"], img, kernel=ctx["kernel"], sf=args.sf, x8=args.x8)

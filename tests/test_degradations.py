@@ -236,3 +236,21 @@ def test_parse_level_range_rejects(value, match):
     with pytest.raises(ValueError, match=match) as err:
         D.parse_level_range(value, "--blur-noise")
     assert str(err.value).startswith("--blur-noise ")
+
+
+def test_pad_tapered_keeps_the_image_and_wraps_smoothly():
+    rng = np.random.default_rng(0)
+    img = np.cumsum(rng.random((40, 56, 3)), axis=1).astype(np.float32)  # a ramp: its edges do not match
+    img /= img.max()
+    kernel = D.normalize_kernel(np.ones((5, 5)))
+    out = D.pad_tapered(img, 8, kernel)
+    assert out.shape == (56, 72, 3) and out.dtype == img.dtype
+    np.testing.assert_array_equal(out[8:-8, 8:-8], img)  # the image's own pixels are untouched
+    edge = np.pad(img, ((8, 8), (8, 8), (0, 0)), mode="edge")
+    np.testing.assert_allclose(out[0], D.blur(edge, kernel)[0], atol=1e-6)  # the outer ring: fully blurred
+    # the jump across the wrap (last column -> first column) is smaller than with the edge alone
+    jump = lambda a: float(np.abs(a[:, -1] - a[:, 0]).mean())  # noqa: E731
+    assert jump(out) < 0.5 * jump(edge)
+    assert D.pad_tapered(img, 0, kernel) is img
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        D.pad_tapered(img, -1, kernel)

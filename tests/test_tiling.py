@@ -296,3 +296,58 @@ def test_tile_accuracy_selects_images_by_name_with_or_without_extension():
     assert select_images(images, [], "Set5") == images
     with pytest.raises(SystemExit, match="brid not among the Set5 images"):
         select_images(images, ["brid"], "Set5")
+
+
+def test_photo_restorer_pads_and_crops_back():
+    """A photo's border: the restorer sees the padded image (tapered towards its blur), the output is cropped
+    back to the photo, and only the non-blind task (whose solver wraps the whole image) asks for it."""
+    assert DEBLUR_NONBLIND.photo_margin > 0
+    assert DENOISE.photo_margin == SR.photo_margin == DEBLUR.photo_margin == 0
+    seen = []
+
+    def fake(x, kernel=None, sf=1, x8=False):
+        seen.append(x.shape)
+        return np.repeat(np.repeat(x, sf, 0), sf, 1)
+
+    x = np.random.default_rng(1).random((20, 24, 3)).astype(np.float32)
+    kernel = D.normalize_kernel(np.ones((3, 3)))
+    r = E.PhotoRestorer(fake, margin=4, scale=1)
+    out = r(x, kernel, sf=2)
+    assert seen == [(28, 32, 3)]
+    np.testing.assert_allclose(out, np.repeat(np.repeat(x, 2, 0), 2, 1), atol=1e-6)
+    assert r(x).shape == x.shape and seen[-1] == x.shape  # no kernel: nothing to taper with
+    wrapped = E.make_restorer(KernelGain(), E.get_model_spec("usrnet"), 0, photo=True)
+    assert isinstance(wrapped, E.PhotoRestorer) and wrapped.margin == DEBLUR_NONBLIND.photo_margin
+    assert not isinstance(E.make_restorer(KernelGain(), E.get_model_spec("usrnet"), 0), E.PhotoRestorer)
+    assert not isinstance(E.make_restorer(Gain(), E.get_model_spec("dncnn"), 0, photo=True), E.PhotoRestorer)
+
+
+@pytest.mark.slow
+def test_usrnet_restores_a_photo_better_with_its_tapered_border():
+    """A photo blurred without wrapping around (a crop of a larger blurred image): Converse-USRNet's
+    whole-image solve wraps, and its edges ring; the tapered border removes most of that."""
+    model, spec = E.load_model("usrnet")
+    rng = np.random.default_rng(2)
+    field = D.blur(rng.random((160, 160, 3)), np.full((9, 9), 1 / 81.0))  # smooth content
+    field = (field - field.min()) / (field.max() - field.min())
+    kernel = D.paper_kernel(1)
+    blurred = D.blur(field, kernel).astype(np.float32)
+    gt, lq = field[32:128, 32:128], blurred[32:128, 32:128]  # no wrap-around in the crop
+    plain = E.make_restorer(model, spec, 0)(lq, kernel)
+    photo = E.make_restorer(model, spec, 0, photo=True)(lq, kernel)
+    assert photo.shape == plain.shape == gt.shape
+    gain = M.psnr(D.to_uint8(photo), D.to_uint8(gt)) - M.psnr(D.to_uint8(plain), D.to_uint8(gt))
+    assert gain > 3.0, gain
+
+
+def test_tile_accuracy_measures_each_capped_context_once_and_says_so():
+    from benchmarks.tile_accuracy import _distinct_settings, parse_args
+
+    args = parse_args(["--tiles", "64,128", "--overlaps", "8,40", "--contexts", "16,32,64"])
+    said = []
+    settings = _distinct_settings(args, args.contexts, ["wrap"], said.append)
+    # tile 64: contexts 16, 32 and 64 are all capped at 16; overlap 40 is over half of 64
+    assert settings == [(64, 8, 16, "wrap"), (128, 8, 16, "wrap"), (128, 8, 32, "wrap"), (128, 40, 16, "wrap"),
+                        (128, 40, 32, "wrap")]
+    assert any("overlap 40: skipped" in m for m in said)
+    assert sum("measured once" in m for m in said) == 4
