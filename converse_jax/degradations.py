@@ -148,17 +148,39 @@ def blur(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return ndimage.convolve(img, k, mode="wrap")
 
 
-def pad_tapered(img: np.ndarray, margin: int, kernel: np.ndarray) -> np.ndarray:
-    """``img`` (H, W[, C]) float, padded by ``margin`` pixels on each side so that it wraps around smoothly.
+def taper_edges(img: np.ndarray, band: int | tuple[int, int], kernel: np.ndarray) -> np.ndarray:
+    """``img`` (H, W[, C]) float, its outer ``band`` pixels blended towards the image circularly blurred by
+    ``kernel`` (:func:`blur`): fully at the edge, not at all ``band`` pixels in (a raised-cosine ramp).
+    ``band``: one width, or (rows, columns); 0 leaves that axis alone.
 
-    The border is the image's edge pixels repeated, blended towards that padded image circularly
-    blurred by ``kernel`` (:func:`blur`), fully at the outer edge and not at all at the image's own edge
-    (a raised-cosine ramp over the margin). An FFT deconvolution treats its input as periodic: a photo's
-    opposite edges do not match, and the jump rings far into the result; blurred by the kernel itself, the
-    outer edge is what a circular blur of the padded image would give there, so the solver meets no edge.
-    This is the idea of MATLAB's ``edgetaper`` (image blended with its blurred self near the border),
-    applied to a margin added for the purpose, so the image's own pixels are unchanged.
+    An FFT deconvolution treats its input as periodic, and a photo's (or a tile's) opposite edges do not
+    match: the jump rings far into the result. Blurred by the kernel itself, the edges are what a
+    circular blur would give there, so the solver meets no jump. This is the idea of MATLAB's
+    ``edgetaper`` (an image blended with its blurred self near the border).
     """
+    img = np.asarray(img)
+    by, bx = (band, band) if np.isscalar(band) else band
+    if min(by, bx) < 0:
+        raise ValueError(f"band must be >= 0, got {band}")
+    if by == 0 and bx == 0:
+        return img
+
+    def ramp(n: int, b: int) -> np.ndarray:  # 0 at the edge, 1 from b pixels in
+        if b == 0:
+            return np.ones(n)
+        d = np.minimum(np.arange(n), np.arange(n)[::-1]) / b
+        return 0.5 - 0.5 * np.cos(np.pi * np.minimum(d, 1.0))
+
+    w = ramp(img.shape[0], int(by))[:, None] * ramp(img.shape[1], int(bx))[None, :]
+    if img.ndim == 3:
+        w = w[..., None]
+    return (w * img + (1.0 - w) * blur(img, kernel)).astype(img.dtype)
+
+
+def pad_tapered(img: np.ndarray, margin: int, kernel: np.ndarray) -> np.ndarray:
+    """``img`` (H, W[, C]) float, padded by ``margin`` pixels on each side so that it wraps around smoothly:
+    its edge pixels repeated, then that border blended into its blur by ``kernel`` (:func:`taper_edges`
+    over the margin), so the image's own pixels are unchanged."""
     img = np.asarray(img)
     margin = int(margin)
     if margin < 0:
@@ -166,17 +188,7 @@ def pad_tapered(img: np.ndarray, margin: int, kernel: np.ndarray) -> np.ndarray:
     if margin == 0:
         return img
     pad = ((margin, margin), (margin, margin)) + ((0, 0),) * (img.ndim - 2)
-    padded = np.pad(img, pad, mode="edge")
-    blurred = blur(padded, kernel)
-
-    def ramp(n: int) -> np.ndarray:  # 0 at the outer edge, 1 from the image's edge inwards
-        d = np.minimum(np.arange(n), np.arange(n)[::-1]) / margin
-        return 0.5 - 0.5 * np.cos(np.pi * np.minimum(d, 1.0))
-
-    w = ramp(padded.shape[0])[:, None] * ramp(padded.shape[1])[None, :]
-    if img.ndim == 3:
-        w = w[..., None]
-    return (w * padded + (1.0 - w) * blurred).astype(img.dtype)
+    return taper_edges(np.pad(img, pad, mode="edge"), margin, kernel)
 
 
 def paper_kernel(index: int) -> np.ndarray:

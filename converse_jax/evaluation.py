@@ -519,12 +519,12 @@ def make_restorer(model: Any, spec: Any, tile: int = 0, overlap: int = DEFAULT_O
     (:class:`PhotoRestorer`)."""
     if tile < 0:
         raise ValueError(f"--tile must be >= 0 (0: the whole image), got {tile}")
+    margin = photo_margin(spec, photo)
     if tile == 0:
         restorer: Any = Restorer(model, spec.task)
-    else:
+    else:  # a photo's tiles get their edges tapered as the photo's border is
         restorer = TiledRestorer(model, spec.task, scale=int(spec.scale), tile=tile, overlap=overlap, batch=batch,
-                                 blend=blend, on_tile=on_tile)
-    margin = photo_margin(spec, photo)
+                                 blend=blend, on_tile=on_tile, taper=margin > 0)
     return PhotoRestorer(restorer, margin, int(spec.scale)) if margin else restorer
 
 

@@ -37,6 +37,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from converse_jax import degradations as D
 from converse_jax.tasks import Task, jit_forward
 
 __all__ = [
@@ -218,11 +219,15 @@ class TiledRestorer:
     first, so such a tile sees the opposite border as a whole-image FFT solve does; ``"clamp"``,
     tiles end on the image border (the network pads it as it pads the whole image) and the
     context only widens the overlap to ``max(overlap, 2 * context)``.
+
+    ``taper`` (for photos, with a blur kernel): each tile's context is blended towards the tile blurred
+    by the kernel (:func:`~converse_jax.degradations.taper_edges`), so that a network whose solver wraps
+    around its input meets no jump at the tile's edge; the cores are unchanged.
     """
 
     def __init__(self, model: Any, task: Task, *, scale: int = 1, tile: int = 256, overlap: int = 16,
                  context: int | None = None, border: str | None = None, batch: int = 1, blend: str = "crop",
-                 on_tile: Callable[[int, int], None] | None = None) -> None:
+                 on_tile: Callable[[int, int], None] | None = None, taper: bool = False) -> None:
         if blend not in BLENDS:
             raise ValueError(f"blend must be one of {', '.join(BLENDS)}, got {blend!r}")
         context = int(task.tile_context if context is None else context)
@@ -232,7 +237,8 @@ class TiledRestorer:
         plan_tiles(tile, tile, tile, overlap, context)  # validates tile, overlap and context
         self.model, self.task, self.scale = model, task, int(scale)
         self.tile, self.overlap, self.context, self.border = int(tile), int(overlap), context, border
-        self.blend, self.on_tile = blend, on_tile
+        self.blend, self.on_tile, self.taper = blend, on_tile, bool(taper)
+        self._band = (0, 0)  # the context of the current plan, which taper blends (set per image)
         devices = jax.local_devices()
         self.batch = max(1, math.ceil(max(1, int(batch)) / len(devices)) * len(devices))
         self._sharding = None
@@ -242,6 +248,8 @@ class TiledRestorer:
         self._forward = jit_forward(task, model)
 
     def _run_batch(self, tiles: np.ndarray, kernel: np.ndarray | None, sf: int, x8: bool) -> np.ndarray:
+        if self.taper and kernel is not None and any(self._band):
+            tiles = np.stack([D.taper_edges(t, self._band, kernel) for t in tiles])
         state = nnx.state(self.model)
         acc = None
         for mode in range(8 if x8 else 1):
@@ -274,6 +282,7 @@ class TiledRestorer:
         s = self.scale * int(sf)
         wy = blend_weights(list(p.rows), p.core_h, h, p.overlap_y, s, self.blend)
         wx = blend_weights(list(p.cols), p.core_w, w, p.overlap_x, s, self.blend)
+        self._band = (p.context_y, p.context_x)
         if p.context_y or p.context_x:  # np.pad's "wrap" repeats the image when the context exceeds it
             x = np.pad(x, ((p.context_y, p.context_y), (p.context_x, p.context_x), (0, 0)), mode="wrap")
         return self._assemble(x, p, wy, wx, s, kernel, sf, x8)

@@ -351,3 +351,22 @@ def test_tile_accuracy_measures_each_capped_context_once_and_says_so():
                         (128, 40, 32, "wrap")]
     assert any("overlap 40: skipped" in m for m in said)
     assert sum("measured once" in m for m in said) == 4
+
+
+def test_taper_blends_only_each_tiles_context():
+    """taper=True: the network sees each tile's context blended towards the tile's blur (the cores are
+    the image's own pixels), so a pointwise network's result is unchanged."""
+    x = np.random.default_rng(3).random((40, 40, 1)).astype(np.float32)
+    kernel = np.zeros((3, 3), np.float32)
+    kernel[1, 1], kernel[0, 1] = 0.5, 0.5  # blurs, with a centre tap of 0.5 for the stand-in's gain
+    r = T.TiledRestorer(KernelGain(), DEBLUR_NONBLIND, tile=24, overlap=4, context=4, taper=True)
+    seen = []
+    forward = r._forward
+    r._forward = lambda state, batch, sf: seen.append(np.asarray(batch["input"])) or forward(state, batch, sf=sf)
+    plain = T.TiledRestorer(KernelGain(), DEBLUR_NONBLIND, tile=24, overlap=4, context=4)
+    np.testing.assert_allclose(r(x, kernel), plain(x, kernel), atol=1e-6)
+    tile = seen[0][0]
+    padded = np.pad(x, ((4, 4), (4, 4), (0, 0)), mode="wrap")[:24, :24]
+    np.testing.assert_array_equal(tile[4:-4, 4:-4], padded[4:-4, 4:-4])  # inside the context: untouched
+    np.testing.assert_allclose(tile[0], D.blur(padded, kernel)[0], atol=1e-6)  # the edge: fully blurred
+    assert not np.allclose(tile[0], padded[0])
