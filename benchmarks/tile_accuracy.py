@@ -193,7 +193,6 @@ def measure_model(name: str, args: argparse.Namespace, log: Any) -> list[dict[st
                 log(f"  tile {tile}: skipped, one tile covers the {lq.shape[0]}x{lq.shape[1]} input (the whole image)")
                 continue
             t0 = time.perf_counter()
-            r.taper = as_input is not None  # a photo's tiles are tapered too, as experiments.restore does
             tiled = (as_input(r) if as_input else r)(lq, kernel)
             row = dict(model=name, input=kind, image=img, kernel=kid, height=int(lq.shape[0]),
                        width=int(lq.shape[1]), tile=tile, overlap=overlap, context=context, border=border,

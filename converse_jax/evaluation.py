@@ -522,9 +522,9 @@ def make_restorer(model: Any, spec: Any, tile: int = 0, overlap: int = DEFAULT_O
     margin = photo_margin(spec, photo)
     if tile == 0:
         restorer: Any = Restorer(model, spec.task)
-    else:  # a photo's tiles get their edges tapered as the photo's border is
+    else:
         restorer = TiledRestorer(model, spec.task, scale=int(spec.scale), tile=tile, overlap=overlap, batch=batch,
-                                 blend=blend, on_tile=on_tile, taper=margin > 0)
+                                 blend=blend, on_tile=on_tile)
     return PhotoRestorer(restorer, margin, int(spec.scale)) if margin else restorer
 
 

@@ -109,6 +109,9 @@ class Task:
     # pixels added around it (degradations.pad_tapered, with the given blur kernel) and cropped from the
     # output, for a network whose solver wraps around the whole image; 0: none (docs/restore.md).
     photo_margin: int = 0
+    # Tiles (converse_jax.tiling): blend each tile's context into the tile's blur by the kernel
+    # (degradations.taper_edges), for a network whose solver wraps around its input.
+    tile_taper: bool = False
 
     def size_multiple(self, scale: int) -> int:
         """Training patches and validation crops must be multiples of this (``scale`` for SR)."""
@@ -254,6 +257,7 @@ class NonBlindDeblurring(BlindDeblurring):
     takes_kernel = True
     tile_context = 96  # five kernel-driven FFT solves reach further still (docs/restore.md)
     photo_margin = 16  # its data step wraps the whole image (padding 0): a photo's edges would ring
+    tile_taper = True  # and so would a tile's
 
     def forward(self, model: Callable[..., Any], batch: Batch, sf: int = 1) -> Any:
         return model(batch["input"], batch["kernel"], sf=sf)

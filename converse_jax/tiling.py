@@ -220,14 +220,14 @@ class TiledRestorer:
     tiles end on the image border (the network pads it as it pads the whole image) and the
     context only widens the overlap to ``max(overlap, 2 * context)``.
 
-    ``taper`` (for photos, with a blur kernel): each tile's context is blended towards the tile blurred
-    by the kernel (:func:`~converse_jax.degradations.taper_edges`), so that a network whose solver wraps
-    around its input meets no jump at the tile's edge; the cores are unchanged.
+    ``taper`` (default: the task's ``tile_taper``; only with a blur kernel): each tile's context is blended
+    towards the tile blurred by the kernel (:func:`~converse_jax.degradations.taper_edges`), so that a
+    network whose solver wraps around its input meets no jump at the tile's edge; the cores are unchanged.
     """
 
     def __init__(self, model: Any, task: Task, *, scale: int = 1, tile: int = 256, overlap: int = 16,
                  context: int | None = None, border: str | None = None, batch: int = 1, blend: str = "crop",
-                 on_tile: Callable[[int, int], None] | None = None, taper: bool = False) -> None:
+                 on_tile: Callable[[int, int], None] | None = None, taper: bool | None = None) -> None:
         if blend not in BLENDS:
             raise ValueError(f"blend must be one of {', '.join(BLENDS)}, got {blend!r}")
         context = int(task.tile_context if context is None else context)
@@ -237,7 +237,8 @@ class TiledRestorer:
         plan_tiles(tile, tile, tile, overlap, context)  # validates tile, overlap and context
         self.model, self.task, self.scale = model, task, int(scale)
         self.tile, self.overlap, self.context, self.border = int(tile), int(overlap), context, border
-        self.blend, self.on_tile, self.taper = blend, on_tile, bool(taper)
+        self.blend, self.on_tile = blend, on_tile
+        self.taper = bool(task.tile_taper if taper is None else taper)
         self._band = (0, 0)  # the context of the current plan, which taper blends (set per image)
         devices = jax.local_devices()
         self.batch = max(1, math.ceil(max(1, int(batch)) / len(devices)) * len(devices))

@@ -363,7 +363,9 @@ def test_taper_blends_only_each_tiles_context():
     seen = []
     forward = r._forward
     r._forward = lambda state, batch, sf: seen.append(np.asarray(batch["input"])) or forward(state, batch, sf=sf)
-    plain = T.TiledRestorer(KernelGain(), DEBLUR_NONBLIND, tile=24, overlap=4, context=4)
+    plain = T.TiledRestorer(KernelGain(), DEBLUR_NONBLIND, tile=24, overlap=4, context=4, taper=False)
+    assert T.TiledRestorer(KernelGain(), DEBLUR_NONBLIND, tile=24, overlap=4).taper  # the task's default
+    assert DEBLUR_NONBLIND.tile_taper and not (DEBLUR.tile_taper or DENOISE.tile_taper or SR.tile_taper)
     np.testing.assert_allclose(r(x, kernel), plain(x, kernel), atol=1e-6)
     tile = seen[0][0]
     padded = np.pad(x, ((4, 4), (4, 4), (0, 0)), mode="wrap")[:24, :24]
