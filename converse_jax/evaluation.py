@@ -569,7 +569,8 @@ def auto_tile(mem: MemoryModel, spec: Any, height: int, width: int, budget: floa
     bytes by ``mem``'s estimate, else the largest standard tile that does (``photo``: with the
     border :func:`make_restorer` adds to a photo)."""
     scale = int(spec.scale) * int(sf)
-    height, width = height + 2 * photo_margin(spec, photo), width + 2 * photo_margin(spec, photo)
+    margin = photo_margin(spec, photo)
+    height, width = height + 2 * margin, width + 2 * margin
 
     def estimate(tile: int) -> float:
         return mem.peak_bytes(height, width, int(spec.in_channels), scale, tile)

@@ -239,7 +239,6 @@ class TiledRestorer:
         self.tile, self.overlap, self.context, self.border = int(tile), int(overlap), context, border
         self.blend, self.on_tile = blend, on_tile
         self.taper = bool(task.tile_taper if taper is None else taper)
-        self._band = (0, 0)  # the context of the current plan, which taper blends (set per image)
         devices = jax.local_devices()
         self.batch = max(1, math.ceil(max(1, int(batch)) / len(devices)) * len(devices))
         self._sharding = None
@@ -249,8 +248,6 @@ class TiledRestorer:
         self._forward = jit_forward(task, model)
 
     def _run_batch(self, tiles: np.ndarray, kernel: np.ndarray | None, sf: int, x8: bool) -> np.ndarray:
-        if self.taper and kernel is not None and any(self._band):
-            tiles = np.stack([D.taper_edges(t, self._band, kernel) for t in tiles])
         state = nnx.state(self.model)
         acc = None
         for mode in range(8 if x8 else 1):
@@ -283,7 +280,6 @@ class TiledRestorer:
         s = self.scale * int(sf)
         wy = blend_weights(list(p.rows), p.core_h, h, p.overlap_y, s, self.blend)
         wx = blend_weights(list(p.cols), p.core_w, w, p.overlap_x, s, self.blend)
-        self._band = (p.context_y, p.context_x)
         if p.context_y or p.context_x:  # np.pad's "wrap" repeats the image when the context exceeds it
             x = np.pad(x, ((p.context_y, p.context_y), (p.context_x, p.context_x), (0, 0)), mode="wrap")
         return self._assemble(x, p, wy, wx, s, kernel, sf, x8)
@@ -300,6 +296,8 @@ class TiledRestorer:
             chunk = offsets[b0:b0 + self.batch]
             idx = chunk + [chunk[-1]] * (self.batch - len(chunk))  # one batch shape throughout
             tiles = np.stack([x[y:y + p.tile_h, c:c + p.tile_w] for _, _, y, c in idx])
+            if self.taper and kernel is not None and (p.context_y or p.context_x):
+                tiles = np.stack([D.taper_edges(t, (p.context_y, p.context_x), kernel) for t in tiles])
             res = self._run_batch(tiles, kernel, sf, x8)[:, cy:cy + ch, cx:cx + cw]
             if out is None:
                 out = np.zeros((p.height * s, p.width * s, res.shape[-1]), np.float32)
