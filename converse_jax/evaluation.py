@@ -50,6 +50,7 @@ __all__ = [
     "Restorer",
     "RunResult",
     "auto_tile",
+    "available_ram",
     "check_restore_options",
     "dataset_dir",
     "evaluate",
@@ -528,11 +529,13 @@ def make_restorer(model: Any, spec: Any, tile: int = 0, overlap: int = DEFAULT_O
     return PhotoRestorer(restorer, margin, int(spec.scale)) if margin else restorer
 
 
-def memory_budget(max_memory_gib: float | None = None) -> float:
+def memory_budget(max_memory_gib: float | None = None, *, whole_image: bool = False) -> float:
     """Bytes a restoration may use: ``max_memory_gib`` GiB if given; else 90% of the accelerator's
-    memory, or on CPU half of the memory the system reports available, at most
-    :data:`CPU_BUDGET_GIB` GiB (on CPU tiles cost little speed, and other programs and the host
-    copies XLA makes need the rest)."""
+    memory, or on CPU half of the memory available to this process (:func:`available_ram`), at most
+    :data:`CPU_BUDGET_GIB` GiB for tiles (on CPU tiles cost little speed, and other programs and the
+    host copies XLA makes need the rest). ``whole_image``: the budget for restoring an image whole
+    with a network whose tiles do not reproduce the whole image (``task.tiles_match_whole`` false),
+    for which tiles would cost accuracy rather than speed: on CPU half the available memory, uncapped."""
     if max_memory_gib is not None:
         if not max_memory_gib > 0:
             raise ValueError(f"--max-memory must be > 0 GiB, got {max_memory_gib}")
@@ -542,18 +545,36 @@ def memory_budget(max_memory_gib: float | None = None) -> float:
         stats = dev.memory_stats() or {}
         if stats.get("bytes_limit"):
             return 0.9 * float(stats["bytes_limit"])
-    return min(0.5 * _available_ram(), CPU_BUDGET_GIB * 2**30)
+    half = 0.5 * available_ram()
+    return half if whole_image else min(half, CPU_BUDGET_GIB * 2**30)
 
 
-def _available_ram() -> float:
+def available_ram(root: str | Path = "/") -> float:
+    """Bytes of RAM this process can still use: the system's available memory, lowered to what is left
+    under a container's memory limit (cgroup v2 ``memory.max``, or v1 ``memory.limit_in_bytes``), which
+    ``/proc/meminfo`` does not show. ``root``: the file system to read (tests)."""
+    root = Path(root)
+    avail = None
     try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
+        for line in (root / "proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = float(line.split()[1]) * 1024
+                break
     except OSError:
         pass
-    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if avail is None:
+        avail = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    cgroups = root / "sys/fs/cgroup"
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit = (cgroups / limit_file).read_text().strip()
+            usage = float((cgroups / usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and float(limit) < 2**60:  # "max" or a huge number: no limit
+            return max(0.0, min(avail, float(limit) - usage))
+    return avail
 
 
 def memory_model(model: Any, spec: Any, sf: int = 1) -> MemoryModel:
@@ -564,10 +585,12 @@ def memory_model(model: Any, spec: Any, sf: int = 1) -> MemoryModel:
 
 
 def auto_tile(mem: MemoryModel, spec: Any, height: int, width: int, budget: float, sf: int = 1,
-              photo: bool = False) -> int:
+              photo: bool = False, whole_budget: float | None = None) -> int:
     """0 (the whole image) when restoring a ``height`` x ``width`` input whole fits ``budget``
     bytes by ``mem``'s estimate, else the largest standard tile that does (``photo``: with the
-    border :func:`make_restorer` adds to a photo)."""
+    border :func:`make_restorer` adds to a photo). ``whole_budget`` (see :func:`memory_budget`)
+    replaces ``budget`` for the whole image when the network's tiles do not reproduce it
+    (``task.tiles_match_whole`` false)."""
     scale = int(spec.scale) * int(sf)
     margin = photo_margin(spec, photo)
     height, width = height + 2 * margin, width + 2 * margin
@@ -575,7 +598,8 @@ def auto_tile(mem: MemoryModel, spec: Any, height: int, width: int, budget: floa
     def estimate(tile: int) -> float:
         return mem.peak_bytes(height, width, int(spec.in_channels), scale, tile)
 
-    return choose_tile(estimate, height, width, budget)
+    whole = budget if whole_budget is None or spec.task.tiles_match_whole else max(budget, whole_budget)
+    return choose_tile(estimate, height, width, budget, whole_budget=whole)
 
 
 def check_kernel_size(model: Any, kernel: np.ndarray | None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -119,7 +120,8 @@ def add_tile_flags(p: argparse.ArgumentParser, whole_by_default: bool = False) -
     if not whole_by_default:
         p.add_argument("--max-memory", type=float, metavar="GiB",
                        help="memory budget for choosing the tile (default: 90%% of the accelerator's memory; "
-                            "on CPU half the available RAM, at most 2 GiB)")
+                            "on CPU half the available RAM, at most 2 GiB for tiles; uncapped for the whole "
+                            "image with the deblurring networks, whose tiles lose accuracy)")
     p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
 
 
@@ -204,3 +206,38 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class Heartbeat:
+    """Elapsed time of one long step that reports nothing finer (an image restored whole), from a
+    background thread: a tqdm counter of seconds in a terminal or notebook, a plain ``label: N s``
+    line every ``every_s`` seconds in a pipe. Use as a context manager around the step."""
+
+    def __init__(self, label: str, stream: Any = None, every_s: float = 5.0, enabled: bool = True) -> None:
+        self.label, self.stream, self.every_s, self.enabled = label, stream or sys.stderr, every_s, enabled
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Heartbeat:
+        if self.enabled:
+            self._thread = threading.Thread(target=self._beat, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _beat(self) -> None:
+        t0 = time.monotonic()
+        if not interactive(self.stream):
+            while not self._stop.wait(self.every_s):
+                print(f"{self.label}: {time.monotonic() - t0:.0f} s", file=self.stream, flush=True)
+            return
+        bar = progress_bar(None, desc=self.label, unit="s", stream=self.stream, leave=False,
+                           bar_format="{desc}: {elapsed}")
+        while not self._stop.wait(1.0):
+            bar.refresh()
+        bar.close()
+

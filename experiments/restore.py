@@ -12,8 +12,10 @@ normalised to sum 1).
 
 Large images are restored in overlapping tiles of one shape (docs/restore.md): without --tile
 the whole image when its estimated peak memory fits --max-memory, else the largest tile that
-does; --tile=0 forces the whole image. Existing output files are kept unless --overwrite;
-every output is checked before the network is loaded.
+does (without --max-memory, on CPU, the deblurring networks, whose tiles lose accuracy, may give the
+whole image half the available RAM, other networks and tiles 2 GiB); --tile=0 forces the whole
+image. Existing output files are kept unless --overwrite; every output is checked before the network
+is loaded.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from converse_jax.imageio import ImageError, list_images, read_image, read_kerne
 from converse_jax.tiling import is_out_of_memory
 from experiments import _cli
 from experiments._cli import (
+    Heartbeat,
     Progress,
     add_tile_flags,
     add_weights_flags,
@@ -113,26 +116,29 @@ def _restore_one(args: argparse.Namespace, ctx: dict, src: Path, dst: Path, inde
     """Read, restore (whole or tiled) and write one image, reporting its tiles."""
     img = read_image(src)
     h, w = img.shape[:2]
-    tile = args.tile
+    tile, overlap = args.tile, args.tile_overlap
     if tile is None:
         if ctx.get("mem") is None:
             print(f"estimating the memory {args.model} needs (XLA's analysis of two small compilations); "
                   "--tile=N skips this", file=sys.stderr, flush=True)
             ctx["mem"] = E.memory_model(ctx["model"], ctx["spec"], args.sf)
-        tile = E.auto_tile(ctx["mem"], ctx["spec"], h, w, ctx["budget"], args.sf, photo=True)
+        tile = E.auto_tile(ctx["mem"], ctx["spec"], h, w, ctx["budget"], args.sf, photo=True,
+                           whole_budget=ctx["whole_budget"])
+        overlap = min(overlap, max(0, (tile - 1) // 2))  # a small chosen tile takes a smaller overlap
     margin = E.photo_margin(ctx["spec"], True)
     if tile >= max(h, w) + 2 * margin:
         tile = 0  # one tile: the whole image
-    how = "whole image" if tile == 0 else f"tiles of {tile} px, overlap {args.tile_overlap}"
+    how = "whole image" if tile == 0 else f"tiles of {tile} px, overlap {overlap}"
     if margin:
         how += f", {margin} px tapered border"
     print(f"{index} {src} ({w}x{h}): {how}", flush=True)
     progress = Progress(f"{src.name}", enabled=not args.no_progress)
-    restorer = E.make_restorer(ctx["model"], ctx["spec"], tile, args.tile_overlap, blend=args.tile_blend,
+    restorer = E.make_restorer(ctx["model"], ctx["spec"], tile, overlap, blend=args.tile_blend,
                                 on_tile=progress, photo=True)
     t0 = time.monotonic()
     try:
-        out = E.restore_array(restorer, ctx["spec"], img, kernel=ctx["kernel"], sf=args.sf, x8=args.x8)
+        with Heartbeat(f"{src.name} (whole image)", enabled=tile == 0 and not args.no_progress):
+            out = E.restore_array(restorer, ctx["spec"], img, kernel=ctx["kernel"], sf=args.sf, x8=args.x8)
     except Exception as exc:  # noqa: BLE001 - out-of-memory is any of several XLA error types
         if is_out_of_memory(exc):
             raise MemoryError(oom_hint(tile, h, w)) from None
@@ -152,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
     pairs = _prepare_outputs(args)
     model, spec = load_model(args.model, args.weights, args.arch)
     E.check_kernel_size(model, kernel)  # once, before the folder
-    ctx = {"model": model, "spec": spec, "kernel": kernel, "budget": budget, "mem": None}
+    ctx = {"model": model, "spec": spec, "kernel": kernel, "budget": budget, "mem": None,
+           "whole_budget": E.memory_budget(args.max_memory, whole_image=True)}
     failed = 0
     for n, (src, dst) in enumerate(pairs, 1):
         try:

@@ -560,3 +560,31 @@ def test_out_of_memory_is_one_line_naming_a_tile(tmp_path, capsys, monkeypatch):
     assert _cli("evaluate", "--model=dncnn", f"--data-dir={tmp_path}") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: out of memory") and "--tile=128" in err[-1] and "Traceback" not in "".join(err)
+
+
+def test_restore_default_gives_the_whole_image_more_memory_only_where_tiles_lose_accuracy(tmp_path, monkeypatch,
+                                                                                         capsys):
+    from converse_jax.models import ConverseDnCNN, ConverseNet
+    from experiments import restore
+
+    def tiny(name, weights=None, arch=None):
+        spec = E.get_model_spec(name)
+        cls = {"conversenet": ConverseNet, "dncnn": ConverseDnCNN}[name]
+        kw = {"num_iterations": 1} if name == "conversenet" else {}
+        return cls(in_channels=spec.in_channels, features=4, num_blocks=1, **kw, rngs=nnx.Rngs(0)), spec
+
+    monkeypatch.setattr(restore, "load_model", tiny)
+    monkeypatch.setattr(E, "memory_model", lambda *a, **k: E.MemoryModel(fixed=0.0, per_pixel=1000.0))
+    # tiles may use 8 MB (a 64² tile fits, a 96² image does not); a whole image 100 MB
+    monkeypatch.setattr(E, "memory_budget", lambda gib=None, whole_image=False: 1e8 if whole_image else 8e6)
+    img = tmp_path / "in.png"
+    write_image(img, np.full((96, 96, 3), 128, np.uint8))
+    for name, how in (("conversenet", "whole image"), ("dncnn", "tiles of 64 px")):
+        assert _cli("restore", f"--model={name}", f"--input={img}", f"--output={tmp_path / (name + '.png')}",
+                    "--no-progress") == 0
+        assert how in capsys.readouterr().out, name
+        assert read_image(tmp_path / (name + ".png")).shape[:2] == (96, 96)
+    monkeypatch.setattr(E, "memory_budget", lambda gib=None, whole_image=False: 1.0)  # the smallest tile, 32 px
+    assert _cli("restore", "--model=dncnn", f"--input={img}", f"--output={tmp_path / 'small.png'}",
+                "--no-progress") == 0
+    assert "tiles of 32 px, overlap 15" in capsys.readouterr().out  # the default overlap shrinks to fit

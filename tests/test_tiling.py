@@ -1,6 +1,7 @@
 """Tiled restoration (converse_jax.tiling): tile placement, blending, one compilation, memory estimate."""
 
 import io
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,7 @@ from converse_jax import evaluation as E
 from converse_jax import metrics as M
 from converse_jax import tiling as T
 from converse_jax.tasks import DEBLUR, DEBLUR_NONBLIND, DENOISE, SR, TASKS
-from experiments._cli import Progress, oom_hint
+from experiments._cli import Heartbeat, Progress, oom_hint
 
 TRACES = {"n": 0}
 
@@ -214,6 +215,57 @@ def test_memory_model_from_compiled_analysis_grows_with_pixels():
     whole = mem.peak_bytes(1000, 1000, 1, 1)
     assert E.auto_tile(mem, spec, 1000, 1000, budget=whole * 1.01) == 0
     assert E.auto_tile(mem, spec, 1000, 1000, budget=whole * 0.5) > 0
+
+
+def test_whole_image_budget_applies_only_where_tiles_lose_accuracy():
+    mem = T.MemoryModel(fixed=0.0, per_pixel=100.0)
+    whole = mem.peak_bytes(1000, 1000, 3, 1)
+    for task, expect_whole in ((DEBLUR, True), (DEBLUR_NONBLIND, True), (DENOISE, False)):
+        spec = type("S", (), {"scale": 1, "in_channels": 3, "task": task})
+        tile = E.auto_tile(mem, spec, 1000, 1000, budget=whole / 4, whole_budget=whole * 1.01)
+        assert (tile == 0) == expect_whole, task.name
+        assert E.auto_tile(mem, spec, 1000, 1000, budget=whole / 4, whole_budget=whole / 2) > 0  # still too big
+    assert E.memory_budget(whole_image=True) >= E.memory_budget() > 0
+    assert E.memory_budget(1.5, whole_image=True) == E.memory_budget(1.5) == 1.5 * 2**30  # --max-memory wins
+
+
+def _fake_root(tmp_path, files):
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize("cgroup, expected_gib", [
+    ({}, 8.0),  # no cgroup files: the system's available memory
+    ({"sys/fs/cgroup/memory.max": "max\n", "sys/fs/cgroup/memory.current": "1073741824\n"}, 8.0),
+    ({"sys/fs/cgroup/memory.max": "5368709120\n", "sys/fs/cgroup/memory.current": "1073741824\n"}, 4.0),  # v2
+    ({"sys/fs/cgroup/memory/memory.limit_in_bytes": "3221225472\n",
+      "sys/fs/cgroup/memory/memory.usage_in_bytes": "1073741824\n"}, 2.0),  # v1
+    ({"sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n",
+      "sys/fs/cgroup/memory/memory.usage_in_bytes": "1073741824\n"}, 8.0),  # v1 without a limit
+])
+def test_available_ram_respects_a_container_limit(tmp_path, cgroup, expected_gib):
+    root = _fake_root(tmp_path, {"proc/meminfo": "MemTotal: 16777216 kB\nMemAvailable: 8388608 kB\n", **cgroup})
+    assert E.available_ram(root) == expected_gib * 2**30
+
+
+def test_heartbeat_in_a_pipe_prints_elapsed_lines_until_the_step_ends():
+    stream = io.StringIO()
+    with Heartbeat("photo.png (whole image)", stream=stream, every_s=0.02):
+        deadline = time.monotonic() + 5
+        while stream.getvalue().count("\n") < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) >= 2 and all(line.startswith("photo.png (whole image): ") and line.endswith(" s")
+                                   for line in lines)
+    time.sleep(0.1)
+    assert stream.getvalue().splitlines() == lines  # stopped with the step
+    quiet = io.StringIO()
+    with Heartbeat("x", stream=quiet, every_s=0.01, enabled=False):
+        time.sleep(0.05)
+    assert quiet.getvalue() == ""
 
 
 def test_out_of_memory_is_recognised_and_answered_with_a_tile():
