@@ -240,4 +240,3 @@ class Heartbeat:
         while not self._stop.wait(1.0):
             bar.refresh()
         bar.close()
-

@@ -124,7 +124,8 @@ def _restore_one(args: argparse.Namespace, ctx: dict, src: Path, dst: Path, inde
             ctx["mem"] = E.memory_model(ctx["model"], ctx["spec"], args.sf)
         tile = E.auto_tile(ctx["mem"], ctx["spec"], h, w, ctx["budget"], args.sf, photo=True,
                            whole_budget=ctx["whole_budget"])
-        overlap = min(overlap, max(0, (tile - 1) // 2))  # a small chosen tile takes a smaller overlap
+        if tile:
+            overlap = min(overlap, (tile - 1) // 2)  # a small chosen tile takes a smaller overlap
     margin = E.photo_margin(ctx["spec"], True)
     if tile >= max(h, w) + 2 * margin:
         tile = 0  # one tile: the whole image
