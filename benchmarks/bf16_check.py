@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import cases as C
+from benchmarks.timing import cpu_info
 from converse_jax import evaluation as E
 from converse_jax import models
 from converse_jax.fileio import write_json_atomic
@@ -57,19 +58,8 @@ def log(msg: str) -> None:
 
 
 def machine() -> dict[str, Any]:
-    """CPU model, visible cores, load average and the JAX backend, for every figure."""
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-        flags = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile")
-                 if re.search(rf"\b{f}\b", Path("/proc/cpuinfo").read_text())]
-    except OSError:
-        flags = []
-    return {"cpu": model, "cpu_bf16_flags": flags, "cores": len(os.sched_getaffinity(0)),
-            "loadavg": list(os.getloadavg()), "backend": jax.default_backend(),
+    """CPU model and vector extensions, visible cores, load average and the JAX backend, for every figure."""
+    return {**cpu_info(), "loadavg": list(os.getloadavg()), "backend": jax.default_backend(),
             "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
 
 

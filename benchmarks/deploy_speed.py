@@ -26,15 +26,7 @@ from typing import Any
 
 import numpy as np
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+from benchmarks.timing import cpu_summary
 
 
 def _variants(args: argparse.Namespace) -> tuple[dict[str, Callable[[], Any]], list[np.ndarray], np.ndarray]:
@@ -92,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"round {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
     base = statistics.median(times[base_name])
     print(f"{args.model} {args.size}x{args.size}, batch 1, median of {args.repeats} interleaved rounds; "
-          f"{_cpu_model()}, {os.cpu_count()} cores, load average {load_start:.2f} at the start, "
+          f"{cpu_summary()}, load average {load_start:.2f} at the start, "
           f"{os.getloadavg()[0]:.2f} at the end")
     for name, ts in times.items():
         med = statistics.median(ts)

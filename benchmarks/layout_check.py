@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import cases as C
+from benchmarks.timing import cpu_summary
 from converse_jax.ops import converse2d, converse2d_channels_first
 
 
@@ -65,14 +66,8 @@ def time_case(case: dict[str, Any], rounds: int) -> dict[str, float]:
 
 
 def _machine() -> str:
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{model}, {os.cpu_count()} CPUs, load average {load:.2f}, jax {jax.__version__} on {jax.default_backend()}"
+    return f"{cpu_summary()}, load average {load:.2f}, jax {jax.__version__} on {jax.default_backend()}"
 
 
 def main(argv: list[str] | None = None) -> int:

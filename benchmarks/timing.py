@@ -8,6 +8,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 # How many runs to time (after warm-up): at least ``min_repeats``, at most ``max_repeats``,
@@ -60,6 +61,34 @@ def cpu_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+# The vector extensions that set how fast each framework's kernels can be (oneDNN's are strongest with
+# AVX-512 and AMX; XLA's bfloat16 needs AVX512-BF16 or AMX): printed with every figure.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> dict[str, Any]:
+    """``{"cpu": model name, "isa": the ISA_FLAGS present, "cores": cpu_threads()}`` from ``cpuinfo``
+    (Linux; "unknown CPU" and no flags elsewhere)."""
+    model, flags = "unknown CPU", set()
+    try:
+        lines = Path(cpuinfo).read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == "unknown CPU":
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return {"cpu": model, "isa": [f for f in ISA_FLAGS if f in flags], "cores": cpu_threads()}
+
+
+def cpu_summary(info: dict[str, Any] | None = None) -> str:
+    """One line for a report: ``AMD EPYC (avx2, avx512f), 2 cores``."""
+    info = info or cpu_info()
+    return f"{info['cpu']} ({', '.join(info['isa']) or 'none of ' + '/'.join(ISA_FLAGS)}), {info['cores']} cores"
 
 
 def current_rss() -> int:

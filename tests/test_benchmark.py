@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks import cases as C
-from benchmarks.timing import measure
+from benchmarks.timing import cpu_info, cpu_summary, measure
 from conftest import require_asset
 
 NETS = {"converse_dncnn.pth": "dncnn", "converse_srresnet.pth": "srresnet", "conversenet.pth": "conversenet",
@@ -295,6 +295,18 @@ def test_cli_quick_op_smoke(tmp_path, capsys):
     timed = [r for r in rows if r["ours"]]
     assert timed and all(r["ours"]["median_s"] > 0 and r["torch"] is None for r in timed)
     assert "dncnn-256" in out and "baseline: none" in out
+    assert report["meta"]["cpu"] == cpu_info() and f"cpu: {cpu_summary()}" in out
+
+
+def test_cpu_info_reads_model_and_vector_extensions(tmp_path):
+    text = ("processor\t: 0\nmodel name\t: Example Xeon 8480\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile\n\n"
+            "processor\t: 1\nmodel name\t: Example Xeon 8480\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile\n")
+    (tmp_path / "cpuinfo").write_text(text)
+    info = cpu_info(str(tmp_path / "cpuinfo"))
+    assert info["cpu"] == "Example Xeon 8480" and info["isa"] == ["avx2", "avx512f", "avx512_bf16", "amx_tile"]
+    assert cpu_summary(info).startswith("Example Xeon 8480 (avx2, avx512f, avx512_bf16, amx_tile), ")
+    missing = cpu_info(str(tmp_path / "absent"))
+    assert missing["cpu"] == "unknown CPU" and missing["isa"] == [] and missing["cores"] >= 1
 
 
 def test_json_write_is_atomic(tmp_path):
