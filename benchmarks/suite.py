@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import cases as C
-from benchmarks import timing as T
-from benchmarks.timing import DEFAULT_POLICY, QUICK_POLICY
+from benchmarks.timing import DEFAULT_POLICY, QUICK_POLICY, cpu_info, cpu_summary
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TORCH_ENV_VAR = "CONVERSE_TORCH_PYTHON"
@@ -194,7 +193,7 @@ def _new_report(sections: list[str], quick: bool, nets: list[str] | None, alt: b
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "quick": quick, "precision": get_default_precision(), "sections": sections,
         "nets": nets or list(C.NETWORKS), "alt": alt,
-        "policy": policy, "platform": platform.platform(), "cpu": T.cpu_info(),
+        "policy": policy, "platform": platform.platform(), "cpu": cpu_info(),
         "python": platform.python_version(), "jax": jax_env,
         "load_average_start": _loadavg(), "torch": None, "torch_note": torch_note,
     }
@@ -339,7 +338,7 @@ def _header_lines(meta: dict[str, Any]) -> list[str]:
              f"cpu_threads={j['cpu_threads']} jax={j['jax_version']}",
              f"precision: {meta.get('precision', 'float32')} (the JAX networks; the PyTorch baselines run float32)"]
     if meta.get("cpu"):
-        lines.insert(1, f"cpu: {T.cpu_summary(meta['cpu'])}")
+        lines.insert(1, f"cpu: {cpu_summary(meta['cpu'])}")
     t = meta.get("torch")
     lines.append(f"baseline: torch {t['torch_version']} on {t.get('device', 'cpu')} threads={t['torch_threads']} "
                  f"OMP_WAIT_POLICY={t['OMP_WAIT_POLICY']}" if t else f"baseline: none ({meta.get('torch_note')})")

@@ -64,7 +64,7 @@ def cpu_threads() -> int:
 
 
 # The vector extensions that set how fast each framework's kernels can be (oneDNN's are strongest with
-# AVX-512 and AMX; XLA's bfloat16 needs AVX512-BF16 or AMX): printed with every figure.
+# AVX-512 and AMX; bfloat16 arithmetic in hardware needs AVX512-BF16 or AMX): printed with every figure.
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
