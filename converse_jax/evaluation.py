@@ -36,8 +36,8 @@ from converse_jax.console import interactive, progress_bar
 from converse_jax.imageio import list_images, read_image, write_image
 from converse_jax.models import get_spec, list_models
 from converse_jax.nn.precision import model_precision
-from converse_jax.tasks import DENOISE, Task, jit_forward
-from converse_jax.tiling import MemoryModel, TiledRestorer, choose_tile, fit_memory_model
+from converse_jax.tasks import DENOISE, Task
+from converse_jax.tiling import MemoryModel, TiledRestorer, choose_tile, fit_memory_model, inference_forward
 from converse_jax.weights import load_pretrained
 
 __all__ = [
@@ -195,7 +195,7 @@ class Restorer:
             raise ValueError(f"Restorer's task must be a converse_jax.tasks.Task (the model's spec.task), got {task!r}")
         self.model = model
         self.task = task if task is not None else DENOISE  # any task whose network takes the image alone
-        self._forward = jit_forward(self.task, model)
+        self._forward = inference_forward(self.task, model)
 
     def _run(self, x: np.ndarray, kernel: np.ndarray | None, sf: int) -> np.ndarray:
         batch = {"input": np.ascontiguousarray(x[None], dtype=np.float32)}

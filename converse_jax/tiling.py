@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from converse_jax import degradations as D
+from converse_jax.nn import inference_view
 from converse_jax.tasks import Task, jit_forward
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "choose_tile",
     "compiled_bytes",
     "fit_memory_model",
+    "inference_forward",
     "is_out_of_memory",
     "axis_context",
     "plan_tiles",
@@ -245,7 +247,7 @@ class TiledRestorer:
         if len(devices) > 1:
             mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
             self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
-        self._forward = jit_forward(task, model)
+        self._forward = inference_forward(task, model)
 
     def _run_batch(self, tiles: np.ndarray, kernel: np.ndarray | None, sf: int, x8: bool) -> np.ndarray:
         state = nnx.state(self.model)
@@ -353,6 +355,13 @@ class MemoryModel:
         return self.call_bytes(pixels) + host
 
 
+def inference_forward(task: Task, model: Any) -> Any:
+    """What the restorers run: :func:`~converse_jax.tasks.jit_forward` of ``model``'s inference view
+    (:func:`converse_jax.nn.inference_view`: each block's hidden channels in groups, half the memory),
+    called with ``nnx.state(model)``."""
+    return jit_forward(task, inference_view(model))
+
+
 def compiled_bytes(model: Any, task: Task, shape: tuple[int, int, int, int], kernel_size: int | None = None,
                    sf: int = 1) -> int:
     """Bytes XLA reserves for one call of ``task.forward`` on a batch of ``shape`` (B, H, W, C):
@@ -360,7 +369,7 @@ def compiled_bytes(model: Any, task: Task, shape: tuple[int, int, int, int], ker
     batch: dict[str, Any] = {"input": jax.ShapeDtypeStruct(shape, np.float32)}
     if task.takes_kernel:
         batch["kernel"] = jax.ShapeDtypeStruct((shape[0], kernel_size, kernel_size), np.float32)
-    stats = jit_forward(task, model).lower(nnx.state(model), batch, sf=int(sf)).compile().memory_analysis()
+    stats = inference_forward(task, model).lower(nnx.state(model), batch, sf=int(sf)).compile().memory_analysis()
     if stats is None:
         raise RuntimeError("this JAX backend reports no compiled memory analysis")
     return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes)

@@ -28,6 +28,7 @@ import optax
 from flax import nnx, traverse_util
 from jax.sharding import Mesh
 
+from converse_jax.nn import INFERENCE_HIDDEN_GROUPS
 from converse_jax.tasks import Task, get_task, jit_forward
 from converse_jax.train.parallel import batch_sharding, replicated
 from converse_jax.weights.convert import PathKey, path_key
@@ -60,13 +61,15 @@ class Optimizer(NamedTuple):
 def mode_view(model: nnx.Module, train: bool) -> nnx.Module:
     """The model with BatchNorm-style layers in training (batch statistics) or evaluation mode, and the
     Converse networks' repeated blocks unrolled for training (faster to differentiate) or scanned for
-    evaluation (bounded memory): see :class:`converse_jax.nn.BlockStack`.
+    evaluation (bounded memory): see :class:`converse_jax.nn.BlockStack`; in evaluation the blocks' hidden
+    channels run in groups, as the restorers run them (:func:`converse_jax.nn.inference_view`).
 
     A model without one of the two options (no BatchNorm, or no repeated blocks) ignores it. Needs
     flax >= 0.12.5, whose ``nnx.view`` gives each module's ``set_view`` only the options it takes
     (0.12.4 passed every option to every module, so a module without one raised TypeError).
     """
-    return nnx.view(model, use_running_average=not train, scan_blocks=not train, raise_if_not_found=False)
+    return nnx.view(model, use_running_average=not train, scan_blocks=not train,
+                    hidden_groups=1 if train else INFERENCE_HIDDEN_GROUPS, raise_if_not_found=False)
 
 
 def split_state(model: nnx.Module) -> tuple[State, State]:
