@@ -143,7 +143,8 @@ def test_alt_operator_gradients_match_golden(index):
         return jnp.sum(alt_ops.converse2d(x, w, lam, scale=entry["scale"], padding=entry["padding"],
                                           padding_mode=entry["padding_mode"]) * ct)
 
-    gx, gw, gb = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b))
+    # compiled once (op by op, the backward pass compiles dozens of small programs)
+    gx, gw, gb = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b))
     for got, ref in ((np.asarray(gx).transpose(0, 3, 1, 2), d["grad_x_f64"]),
                      (np.asarray(gw).transpose(2, 0, 1)[None], d["grad_weight_f64"]),
                      (np.asarray(gb).reshape(d["grad_bias_f64"].shape), d["grad_bias_f64"])):
@@ -346,6 +347,7 @@ def _reference_checkout():
 def test_official_operator_computes_what_we_time(T, index, tmp_path, x64):
     """The official Converse2D as the benchmark runs it gives our PyTorch baseline's output, and ours
     (JAX) agrees with it in float64 and, in float32, within the official code's own float32 error."""
+    import jax
     import jax.numpy as jnp
 
     from benchmarks.suite import TorchBaseline
@@ -367,12 +369,16 @@ def test_official_operator_computes_what_we_time(T, index, tmp_path, x64):
     np.testing.assert_allclose(outs[False]["float64"], off64, rtol=0, atol=1e-12 * scale)
     np.testing.assert_allclose(outs[False]["float32"], off32, rtol=0, atol=1e-6 * scale)
     d = C.op_inputs(case)
+
+    @jax.jit  # compiled, as the benchmark times it (and one compilation instead of dozens op by op)
+    def converse(x, kernel, bias):
+        return converse2d_channels_first(x, kernel, lambda_from_bias(bias, case["eps"]), scale=case["scale"],
+                                         padding=case["padding"], padding_mode=case["padding_mode"])
+
     ours = {}
     for dtype in ("float32", "float64"):
         dd = {k: jnp.asarray(v.astype(dtype)) for k, v in d.items()}
-        ours[dtype] = np.asarray(converse2d_channels_first(
-            dd["x"], dd["kernel"], lambda_from_bias(dd["bias"], case["eps"]), scale=case["scale"],
-            padding=case["padding"], padding_mode=case["padding_mode"]))
+        ours[dtype] = np.asarray(converse(dd["x"], dd["kernel"], dd["bias"]))
     assert ours["float64"].dtype == np.float64
     np.testing.assert_allclose(ours["float64"], off64, rtol=0, atol=1e-9 * scale)
     official_f32_error = np.abs(off32 - off64).max()

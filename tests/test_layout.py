@@ -75,8 +75,10 @@ def test_block_channels_first_equals_call_and_fallback_mixer(x64, alpha):
         block.alpha1[...] = jnp.full((4,), 0.7)
         block.alpha2[...] = jnp.full((4,), -0.3)
     x = jax.random.normal(jax.random.key(7), (2, 6, 7, 4), jnp.float64)
-    out = block(x)
-    np.testing.assert_allclose(_nhwc(block.channels_first(_nchw(x))), out, rtol=1e-12, atol=1e-12)
+    # each side compiled once (op by op, the block's many small operations compile one by one)
+    out = nnx.jit(lambda b, a: b(a))(block, x)
+    first = nnx.jit(lambda b, a: b.channels_first(a))(block, _nchw(x))
+    np.testing.assert_allclose(_nhwc(first), out, rtol=1e-12, atol=1e-12)
 
     class OnlyChannelsLast(nnx.Module):  # a mixer without a channels_first method
         def __init__(self, inner):
@@ -87,7 +89,8 @@ def test_block_channels_first_equals_call_and_fallback_mixer(x64, alpha):
 
     wrapped = OnlyChannelsLast(block.mixer)
     h = jax.random.normal(jax.random.key(8), (2, 8, 6, 7), jnp.float64)
-    np.testing.assert_allclose(apply_channels_first(wrapped, h), block.mixer.channels_first(h), rtol=1e-12)
+    np.testing.assert_allclose(nnx.jit(apply_channels_first)(wrapped, h),
+                               nnx.jit(lambda m, a: m.channels_first(a))(block.mixer, h), rtol=1e-12)
 
 
 def test_scanned_and_unrolled_blocks_agree_in_value_and_gradient(x64):
@@ -97,9 +100,10 @@ def test_scanned_and_unrolled_blocks_agree_in_value_and_gradient(x64):
     def loss(m, v):
         return jnp.sum(jnp.sin(nnx.view(m, scan_blocks=v)(x)))
 
+    value_and_grad = nnx.jit(nnx.value_and_grad(loss), static_argnums=1)  # one compilation per view
     values = {}
     for scan in (True, False):
-        values[scan] = nnx.value_and_grad(loss)(model, scan)
+        values[scan] = value_and_grad(model, scan)
     np.testing.assert_allclose(values[True][0], values[False][0], rtol=1e-12)
     scanned, unrolled = (jax.tree.leaves(nnx.state(values[v][1])) for v in (True, False))
     for a, b in zip(scanned, unrolled, strict=True):
@@ -107,7 +111,8 @@ def test_scanned_and_unrolled_blocks_agree_in_value_and_gradient(x64):
 
 
 def test_scan_reduces_the_compiled_memory_of_a_deep_network():
-    model = create("dncnn", rngs=nnx.Rngs(0), num_blocks=8, features=8)
+    # only compiled, never run: an abstract model (nnx.eval_shape) is enough
+    model = nnx.eval_shape(lambda: create("dncnn", rngs=nnx.Rngs(0), num_blocks=8, features=8))
     x = jnp.zeros((1, 64, 64, 1))
     temp = {}
     for scan in (True, False):
@@ -125,13 +130,15 @@ def _stacks(model):
 
 
 def test_training_view_unrolls_and_evaluation_view_scans():
+    # the views are a matter of structure: abstract models (nnx.eval_shape) have it without the weights
     for name in ("dncnn", "srresnet", "conversenet", "usrnet", "msrresnet"):
-        model = create(name, rngs=nnx.Rngs(0), num_blocks=2)
+        model = nnx.eval_shape(lambda name=name: create(name, rngs=nnx.Rngs(0), num_blocks=2))
         assert len(_stacks(model)) == 1 and _stacks(model)[0].scan_blocks
         assert not any(s.scan_blocks for s in _stacks(mode_view(model, True)))
         assert all(s.scan_blocks for s in _stacks(mode_view(model, False)))
         assert _stacks(model)[0].scan_blocks  # the view is a copy
-        assert not _stacks(create(name, rngs=nnx.Rngs(0), num_blocks=2, scan_blocks=False))[0].scan_blocks
+        unrolled = nnx.eval_shape(lambda name=name: create(name, rngs=nnx.Rngs(0), num_blocks=2, scan_blocks=False))
+        assert not _stacks(unrolled)[0].scan_blocks
 
 
 def test_blocks_are_stored_stacked_with_one_draw_per_block():

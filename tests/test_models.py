@@ -42,8 +42,9 @@ def test_usrnet_shapes_and_kernel_check():
     model = create("usrnet", rngs=nnx.Rngs(0), num_blocks=1, features=8, num_iterations=2)
     x = jnp.ones((2, 8, 10, 3))
     k = jnp.ones((2, 7, 7)) / 49
-    assert model(x, k, 1).shape == (2, 8, 10, 3)
-    assert model(x, k, 2).shape == (2, 16, 20, 3)
+    run = nnx.jit(lambda m, x, k, sf: m(x, k, sf), static_argnums=3)  # one compilation per scale factor
+    assert run(model, x, k, 1).shape == (2, 8, 10, 3)
+    assert run(model, x, k, 2).shape == (2, 16, 20, 3)
     with pytest.raises(ValueError, match=r"kernel must have shape \(B, 7, 7\)"):
         model(x, jnp.ones((2, 5, 5)), 1)
 
@@ -79,6 +80,11 @@ def test_gelu_is_the_exact_erf_form(x64):
 def test_alpha_block_starts_as_identity_and_grad_flows():
     block = ConverseBlock(4, 3, alpha=True, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (1, 6, 6, 4))
-    np.testing.assert_allclose(block(x), x)  # alphas are initialised to 0
-    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(block)
+
+    @nnx.jit  # the output and the gradients in one compilation
+    def output_and_grads(m, x):
+        return m(x), nnx.grad(lambda m: jnp.sum(m(x) ** 2))(m)
+
+    out, grads = output_and_grads(block, x)
+    np.testing.assert_allclose(out, x)  # alphas are initialised to 0
     assert float(jnp.abs(grads.alpha1[...]).sum()) > 0

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from converse_jax.ops import PADDING_MODES, converse2d, converse2d_channels_first, lambda_from_bias, p2o
@@ -37,18 +37,30 @@ def problems(draw):
 
 @SETTINGS
 @given(problems())
+# every scale 1-4 and kernel size 2, 3, 5, 7 at least once, whatever hypothesis draws
+@example((1, 3, 5, 4, 2, 3, 0.5))
+@example((2, 5, 9, 6, 1, 11, 1e-4))
+@example((3, 2, 4, 5, 2, 7, 1e-2))  # an even kernel
+@example((4, 7, 7, 8, 1, 5, 1e-2))  # a kernel as tall as the image, larger than the scale cell
 def test_output_is_a_stationary_point_of_the_objective(x64, problem):
     scale, k, h, w, c, seed, lam = problem
     rng = np.random.default_rng(seed)
     y = jnp.asarray(rng.standard_normal((2, h, w, c)))
     kernel = jnp.asarray(rng.random((k, k, c)))
-    x_star = converse2d(y, kernel, lam, scale=scale)
-    grad = jax.grad(_objective)(x_star, y, kernel, lam, scale)
+    step = 1e-3 * jnp.asarray(rng.standard_normal((2, h * scale, w * scale, c)))
+
+    @jax.jit  # one compilation per example (op by op, every new shape compiles dozens of programs)
+    def solve_and_check(y, kernel, step):
+        x_star = converse2d(y, kernel, lam, scale=scale)
+        grad = jax.grad(_objective)(x_star, y, kernel, lam, scale)
+        return (grad, _objective(x_star + step, y, kernel, lam, scale),
+                _objective(x_star, y, kernel, lam, scale))
+
+    grad, moved, at_x_star = solve_and_check(y, kernel, step)
     # The gradient vanishes (relative to the size of the objective's terms).
     assert float(jnp.abs(grad).max()) <= 1e-9 * (1 + float(jnp.abs(y).max()))
     # And it is a minimum: moving away increases the objective.
-    step = 1e-3 * jnp.asarray(rng.standard_normal(x_star.shape))
-    assert _objective(x_star + step, y, kernel, lam, scale) > _objective(x_star, y, kernel, lam, scale)
+    assert moved > at_x_star
 
 
 @SETTINGS
@@ -60,7 +72,7 @@ def test_delta_kernel_returns_the_input_or_its_nearest_upsampling(x64, scale, h,
     rng = np.random.default_rng(seed)
     y = jnp.asarray(rng.standard_normal((2, h, w, 3)))
     delta = jnp.zeros((3, 3, 3)).at[1, 1, :].set(1.0)
-    out = converse2d(y, delta, 1e-4, scale=scale, padding=padding, padding_mode=mode)
+    out = jax.jit(lambda a: converse2d(a, delta, 1e-4, scale=scale, padding=padding, padding_mode=mode))(y)
     expected = jnp.repeat(jnp.repeat(y, scale, axis=1), scale, axis=2)
     np.testing.assert_allclose(out, expected, atol=1e-10)
 
@@ -72,9 +84,10 @@ def test_per_sample_kernels_equal_solving_each_sample_alone(x64, scale, seed, mo
     x = jnp.asarray(rng.standard_normal((3, 6, 7, 2)))
     kernels = jnp.asarray(rng.random((3, 3, 3, 2)))
     lam = jnp.asarray(rng.uniform(1e-4, 1e-1, (3, 2)))
-    together = converse2d(x, kernels, lam, scale=scale, padding=1, padding_mode=mode)
+    solve = jax.jit(lambda a, k, lam: converse2d(a, k, lam, scale=scale, padding=1, padding_mode=mode))
+    together = solve(x, kernels, lam)
     for i in range(3):
-        alone = converse2d(x[i:i + 1], kernels[i], lam[i], scale=scale, padding=1, padding_mode=mode)
+        alone = solve(x[i:i + 1], kernels[i], lam[i])  # one compilation for the three samples
         np.testing.assert_allclose(together[i:i + 1], alone, rtol=1e-12, atol=1e-12)
 
 
@@ -99,8 +112,9 @@ def test_jit_vmap_grad_compose():
                                   padding_mode="replicate") ** 2)
 
     grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2)), in_axes=(0, None, None)))(x, kernel, bias)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))  # jit against eager: on the loss, below
     for i in (0, 3):
-        direct = jax.grad(loss, argnums=(0, 1, 2))(x[i], kernel, bias)
+        direct = grad(x[i], kernel, bias)
         for a, b in zip(grads, direct, strict=True):
             np.testing.assert_allclose(a[i], b, rtol=2e-4, atol=2e-4)
     # jit gives the same as eager
@@ -116,11 +130,12 @@ def test_gradient_matches_finite_differences_in_lambda(x64):
         return jnp.sum(jnp.sin(converse2d(x, kernel, lam, scale=2)))
 
     lam = jnp.asarray([0.03, 0.2])
-    g = jax.grad(f)(lam)
+    g = jax.grad(f)(lam)  # op by op, as a user would call it
+    f_jit = jax.jit(f)  # the four evaluations of the differences share one compilation
     eps = 1e-6
     for c in range(2):
         e = jnp.zeros(2).at[c].set(eps)
-        fd = (f(lam + e) - f(lam - e)) / (2 * eps)
+        fd = (f_jit(lam + e) - f_jit(lam - e)) / (2 * eps)
         np.testing.assert_allclose(g[c], fd, rtol=1e-6)
 
 
@@ -128,7 +143,8 @@ def test_non_square_and_even_kernels_shapes():
     x = jnp.ones((2, 5, 9, 4), jnp.float32)
     for k in (2, 4):
         for s in (1, 2, 3):
-            out = converse2d(x, jnp.ones((k, k, 4)) / k**2, 1e-3, scale=s, padding=k - 1, padding_mode="reflect")
+            out = jax.jit(lambda a, k=k, s=s: converse2d(a, jnp.ones((k, k, 4)) / k**2, 1e-3, scale=s, padding=k - 1,
+                                                         padding_mode="reflect"))(x)
             assert out.shape == (2, 5 * s, 9 * s, 4)
             assert out.dtype == jnp.float32
             np.testing.assert_allclose(out, 1.0, atol=1e-4)  # a constant image is a fixed point
@@ -286,7 +302,7 @@ def test_channels_last_fft_path_builds_its_planes_row_by_row_on_cpu_and_keeps_fo
         assert "while(" in hlo
     np.testing.assert_allclose(fn(x), 1.0, atol=1e-5)  # a constant image is a fixed point of a normalised blur
     # The operator is linear in x, so its tangent along x equals its value at x.
-    value, tangent = jax.jvp(lambda a: converse2d(a, kernel, 1e-2, scale=2), (x,), (x,))
+    value, tangent = jax.jit(lambda a: jax.jvp(lambda b: converse2d(b, kernel, 1e-2, scale=2), (a,), (a,)))(x)
     np.testing.assert_allclose(tangent, value, atol=1e-5)
 
 
@@ -313,13 +329,14 @@ def test_large_channels_last_planes_send_the_cotangent_back_row_by_row_with_ever
     grad_last = jax.jit(jax.grad(loss_last, argnums=(0, 1)))
     if jax.default_backend() == "cpu":
         assert "while(" in grad_last.lower(x, kernel).compile().as_text()
-    for a, b in zip(grad_last(x, kernel), jax.grad(loss_first, argnums=(0, 1))(x, kernel), strict=True):
+    grad_first = jax.jit(jax.grad(loss_first, argnums=(0, 1)))  # the reference, compiled once
+    for a, b in zip(grad_last(x, kernel), grad_first(x, kernel), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     # forward mode: the operator is linear in x
-    value, tangent = jax.jvp(lambda a: converse2d(a, kernel, 1e-2, **kw), (x,), (x,))
+    value, tangent = jax.jit(lambda a: jax.jvp(lambda b: converse2d(b, kernel, 1e-2, **kw), (a,), (a,)))(x)
     np.testing.assert_allclose(tangent, value, rtol=1e-4, atol=1e-5)
     # vmap of the gradient over a leading axis equals per-item gradients
     xs = jnp.stack([x, 2 * x])
     batched = jax.jit(jax.vmap(jax.grad(loss_last), in_axes=(0, None)))(xs, kernel)
     for i in range(2):
-        np.testing.assert_allclose(batched[i], jax.grad(loss_first)(xs[i], kernel), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(batched[i], grad_first(xs[i], kernel)[0], rtol=1e-4, atol=1e-5)

@@ -79,6 +79,7 @@ def _env(devices: int = 1) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS")}
     env["JAX_PLATFORMS"] = "cpu"
     env["CONVERSE_JAX_COMPILE_CACHE"] = _CACHE
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the many small programs of building the network too
     if devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
