@@ -118,7 +118,7 @@ def _grouped_branch(x: jax.Array, norm: nnx.Module, first: nnx.Module, mixer: nn
 
 # Groups of hidden channels for inference (:func:`inference_view`): on a 2-core CPU, ConverseNet's
 # temporaries fall from ~1,860 to ~920 bytes per pixel at the same speed; 8 groups save ~10% more
-# memory at ~1.3x the time (docs/restore.md).
+# memory at 1.3-1.7x the time (docs/restore.md).
 INFERENCE_HIDDEN_GROUPS = 4
 
 
