@@ -53,6 +53,8 @@ def test_grouped_block_in_bf16_stays_close_to_ungrouped():
 def test_bad_hidden_groups_is_refused():
     with pytest.raises(ValueError, match="hidden_groups must be an integer >= 1"):
         inference_view(_block(False, jnp.float32), 0)
+    with pytest.raises(ValueError, match="hidden_groups must be an integer >= 1"):
+        _block(False, jnp.float32, hidden_groups=True)
 
 
 def test_grouped_network_needs_about_half_the_memory():

@@ -42,7 +42,8 @@ class ConverseBlock(nnx.Module):
                  mixer: Callable[..., nnx.Module] | None = None, dtype: Any = None,
                  param_dtype: Any = jnp.float32, hidden_groups: int = 1, rngs: nnx.Rngs):
         hidden = 2 * channels
-        self.hidden_groups = hidden_groups
+        self.hidden_groups = 1
+        self.set_view(hidden_groups)  # validated as a view's option is
         kw = dict(param_dtype=param_dtype, rngs=rngs) | ({} if dtype is None else {"dtype": dtype})
         self.norm1 = layer_norm(channels, **kw)
         self.pw1 = pointwise(channels, hidden, **kw)
@@ -88,32 +89,37 @@ class ConverseBlock(nnx.Module):
 def _grouped_branch(x: jax.Array, norm: nnx.Module, first: nnx.Module, mixer: nnx.Module | None, last: nnx.Module,
                     alpha: nnx.Param | None, groups: int) -> jax.Array:
     """``x + α·last(GELU(mixer(GELU(first(norm(x))))))`` (no mixer: ``x + α·last(GELU(first(norm(x))))``),
-    with the hidden channels in ``groups`` groups, one at a time in a ``fori_loop``; the output starts as
-    ``x + α·bias`` and each group adds its ``α·last`` share."""
+    with the hidden channels in ``groups`` groups, one at a time in a ``fori_loop``: the output starts as
+    ``x + α·bias`` (``last``'s bias) and each group adds its share of ``α·last``."""
     n = norm.channels_first(x)
     size = first.kernel.shape[1] // groups
-    scale = None if alpha is None else alpha[...][:, None, None]
-    parts = [nnx.split(m) for m in (first, mixer, last) if m is not None]
+    scale = 1.0 if alpha is None else alpha[...][:, None, None]
     bias = 0.0 if last.bias is None else last.bias[...][:, None, None]
-    out = x + (bias if scale is None else scale * bias)
+    first_def, first_p = _pure_split(first)
+    last_def, last_p = _pure_split(last)
+    if "bias" in last_p:
+        last_p["bias"] = jnp.zeros_like(last_p["bias"])  # added once, to the start of the sum
+    mixer_def, mixer_p = _pure_split(mixer) if mixer is not None else (None, None)
 
-    def slice_of(pure: dict, axes: dict[str, int], start: jax.Array) -> dict:
-        return pure | {k: jax.lax.dynamic_slice_in_dim(pure[k], start, size, axis) for k, axis in axes.items()}
+    def group(graphdef: Any, pure: dict, axes: dict[str, int], start: jax.Array) -> nnx.Module:
+        """The layer with its parameters cut to this group's ``size`` channels along ``axes``."""
+        cut = {k: jax.lax.dynamic_slice_in_dim(pure[k], start, size, axis) for k, axis in axes.items() if k in pure}
+        return nnx.merge(graphdef, pure | cut)
 
     def add_group(i: jax.Array, out: jax.Array) -> jax.Array:
         start = i * size
-        (g1, p1), *rest, (g2, p2) = [(g, nnx.to_pure_dict(p)) for g, p in parts]
-        h = gelu(nnx.merge(g1, slice_of(p1, {"kernel": 1, "bias": 0}, start)).channels_first(n))
-        if rest:
-            gm, pm = rest[0]
-            h = gelu(nnx.merge(gm, slice_of(pm, {"weight": -1, "bias": 0}, start)).channels_first(h))
-        tail = slice_of(p2, {"kernel": 0}, start)
-        if "bias" in tail:
-            tail["bias"] = jnp.zeros_like(tail["bias"])  # added once, in ``out``'s start
-        y = nnx.merge(g2, tail).channels_first(h)
-        return out + (y if scale is None else scale * y)
+        h = gelu(group(first_def, first_p, {"kernel": 1, "bias": 0}, start).channels_first(n))
+        if mixer is not None:
+            h = gelu(group(mixer_def, mixer_p, {"weight": -1, "bias": 0}, start).channels_first(h))
+        return out + scale * group(last_def, last_p, {"kernel": 0}, start).channels_first(h)
 
-    return jax.lax.fori_loop(0, groups, add_group, out)
+    return jax.lax.fori_loop(0, groups, add_group, x + scale * bias)
+
+
+def _pure_split(module: nnx.Module) -> tuple[Any, dict]:
+    """``module``'s graph definition and its state as a pure dict."""
+    graphdef, state = nnx.split(module)
+    return graphdef, nnx.to_pure_dict(state)
 
 
 # Groups of hidden channels for inference (:func:`inference_view`): on a 2-core CPU, ConverseNet's
