@@ -534,8 +534,9 @@ def memory_budget(max_memory_gib: float | None = None, *, whole_image: bool = Fa
     memory, or on CPU half of the memory available to this process (:func:`available_ram`), at most
     :data:`CPU_BUDGET_GIB` GiB for tiles (on CPU tiles cost little speed, and other programs and the
     host copies XLA makes need the rest). ``whole_image``: the budget for restoring an image whole
-    with a network whose tiles do not reproduce the whole image (``task.tiles_match_whole`` false),
-    for which tiles would cost accuracy rather than speed: on CPU half the available memory, uncapped."""
+    (and its tiles) with a network whose small tiles do not reproduce the whole image
+    (``task.tiles_match_whole`` false), for which tiles would cost accuracy rather than speed: on CPU
+    half the available memory, uncapped."""
     if max_memory_gib is not None:
         if not max_memory_gib > 0:
             raise ValueError(f"--max-memory must be > 0 GiB, got {max_memory_gib}")
@@ -589,8 +590,9 @@ def auto_tile(mem: MemoryModel, spec: Any, height: int, width: int, budget: floa
     """0 (the whole image) when restoring a ``height`` x ``width`` input whole fits ``budget``
     bytes by ``mem``'s estimate, else the largest standard tile that does (``photo``: with the
     border :func:`make_restorer` adds to a photo). ``whole_budget`` (see :func:`memory_budget`)
-    replaces ``budget`` for the whole image when the network's tiles do not reproduce it
-    (``task.tiles_match_whole`` false)."""
+    replaces ``budget`` when the network's small tiles do not reproduce the whole image
+    (``task.tiles_match_whole`` false): for the whole image, and then for the largest tile, whose
+    context (up to a quarter of the tile) then costs the least."""
     scale = int(spec.scale) * int(sf)
     margin = photo_margin(spec, photo)
     height, width = height + 2 * margin, width + 2 * margin
@@ -598,8 +600,9 @@ def auto_tile(mem: MemoryModel, spec: Any, height: int, width: int, budget: floa
     def estimate(tile: int) -> float:
         return mem.peak_bytes(height, width, int(spec.in_channels), scale, tile)
 
-    whole = budget if whole_budget is None or spec.task.tiles_match_whole else max(budget, whole_budget)
-    return choose_tile(estimate, height, width, budget, whole_budget=whole)
+    if whole_budget is not None and not spec.task.tiles_match_whole:
+        budget = max(budget, whole_budget)
+    return choose_tile(estimate, height, width, budget)
 
 
 def check_kernel_size(model: Any, kernel: np.ndarray | None) -> None:

@@ -313,7 +313,8 @@ class TiledRestorer:
 
 
 def choose_tile(estimate: Callable[[int], float], height: int, width: int, budget: float,
-                candidates: tuple[int, ...] = (1024, 768, 512, 384, 256, 192, 128, 96, 64, 48, 32),
+                candidates: tuple[int, ...] = (4096, 3072, 2048, 1536, 1024, 768, 512, 384, 256, 192, 128, 96, 64,
+                                               48, 32),
                 whole_budget: float | None = None) -> int:
     """0 (the whole image) when ``estimate(0)`` bytes fit ``whole_budget`` (default ``budget``), else
     the largest candidate tile whose ``estimate(tile)`` fits ``budget`` (the smallest candidate if none

@@ -121,7 +121,7 @@ def add_tile_flags(p: argparse.ArgumentParser, whole_by_default: bool = False) -
         p.add_argument("--max-memory", type=float, metavar="GiB",
                        help="memory budget for choosing the tile (default: 90%% of the accelerator's memory; "
                             "on CPU half the available RAM, at most 2 GiB for tiles; uncapped for the whole "
-                            "image with the deblurring networks, whose tiles lose accuracy)")
+                            "image and its tiles with the deblurring networks, whose small tiles lose accuracy)")
     p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
 
 

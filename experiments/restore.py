@@ -12,8 +12,8 @@ normalised to sum 1).
 
 Large images are restored in overlapping tiles of one shape (docs/restore.md): without --tile
 the whole image when its estimated peak memory fits --max-memory, else the largest tile that
-does (without --max-memory, on CPU, the deblurring networks, whose tiles lose accuracy, may give the
-whole image half the available RAM, other networks and tiles 2 GiB); --tile=0 forces the whole
+does (without --max-memory, on CPU, the deblurring networks, whose small tiles lose accuracy, may give
+the whole image or their tiles half the available RAM, other networks 2 GiB); --tile=0 forces the whole
 image. Existing output files are kept unless --overwrite; every output is checked before the network
 is loaded.
 """

@@ -225,6 +225,14 @@ def test_whole_image_budget_applies_only_where_tiles_lose_accuracy():
         tile = E.auto_tile(mem, spec, 1000, 1000, budget=whole / 4, whole_budget=whole * 1.01)
         assert (tile == 0) == expect_whole, task.name
         assert E.auto_tile(mem, spec, 1000, 1000, budget=whole / 4, whole_budget=whole / 2) > 0  # still too big
+    # An image too large for either budget: the deblurring networks' tiles take the larger one too, so that
+    # their long context (a quarter of the tile at most) keeps its full width; denoising keeps small tiles.
+    big = T.MemoryModel(fixed=0.0, per_pixel=1000.0)
+    budget, larger = (1.01 * big.peak_bytes(3000, 3000, 3, 1, tile=t) for t in (768, 2048))
+    for task, expected in ((DEBLUR, 2048), (DEBLUR_NONBLIND, 2048), (DENOISE, 768)):
+        spec = type("S", (), {"scale": 1, "in_channels": 3, "task": task})
+        assert E.auto_tile(big, spec, 3000, 3000, budget=budget, whole_budget=larger) == expected, task.name
+    assert T.axis_context(3000, 2048, DEBLUR.tile_context) == DEBLUR.tile_context
     assert E.memory_budget(whole_image=True) >= E.memory_budget() > 0
     assert E.memory_budget(1.5, whole_image=True) == E.memory_budget(1.5) == 1.5 * 2**30  # --max-memory wins
 
