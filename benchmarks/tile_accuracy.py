@@ -53,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--contexts", type=lambda t: _ints(t, "--contexts"), default=None,
                    help="tile contexts per side (default: each task's tile_context)")
     p.add_argument("--borders", default=None,
-                   help="comma-separated image-border modes, of wrap, clamp (default: each task's tile_border)")
+                   help=f"comma-separated image-border modes, of {', '.join(BORDERS)} (default: each task's "
+                        "tile_border)")
     p.add_argument("--blend", choices=("crop", "window"), default="crop")
     p.add_argument("--inputs", default="protocol,photo", help=f"comma-separated, of {', '.join(INPUTS)}")
     p.add_argument("--photo-size", type=int, default=512, help="side of the generated photos (input px)")

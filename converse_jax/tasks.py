@@ -103,7 +103,8 @@ class Task:
     # (docs/restore.md has the measurements behind each task's value).
     tile_context: int = 16
     # What a tile at the image border sees beyond it (converse_jax.tiling.BORDERS): "clamp", the
-    # network's own padding as for the whole image; "wrap", the opposite border (circular FFT solves).
+    # network's own padding as for the whole image; "wrap", the opposite border (circular FFT solves);
+    # "seam", the opposite border with the image's wrap-around on the tile's edge, as on the whole image's.
     tile_border: str = "clamp"
     # Restoring a photo (experiments.restore, not the test protocols, which blur circularly): input
     # pixels added around it (degradations.pad_tapered, with the given blur kernel) and cropped from the
@@ -235,7 +236,7 @@ class BlindDeblurring(Task):
     # ConverseNet's 35 chained FFT deconvolutions reach far: on a 1024² photo a region restored with
     # 128 / 192 / 256 / 320 px of context agrees with the whole image to 53 / 60 / 74 / 88 dB (docs/restore.md)
     tile_context = 256
-    tile_border = "wrap"
+    tile_border = "seam"  # its layers pad circularly and crop: the whole image's border is a seam
     tiles_match_whole = False  # the full context needs tiles of 1024 px or more
 
     def train_sample(self, target: np.ndarray, rng: np.random.Generator,
@@ -264,6 +265,7 @@ class NonBlindDeblurring(BlindDeblurring):
     name, label = "deblur_nonblind", "non-blind deblurring"
     takes_kernel = True
     tile_context = 96  # five kernel-driven FFT solves reach further still (docs/restore.md)
+    tile_border = "wrap"  # its data step solves over the image itself, unpadded; its tiles are tapered
     photo_margin = 16  # its data step wraps the whole image (padding 0): a photo's edges would ring
     tile_taper = True  # and so would a tile's
 

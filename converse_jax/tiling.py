@@ -15,9 +15,12 @@ and its outer pixels are wrong by an amount that decays with the distance from t
 slowly for the deblurring networks. Each tile therefore carries a *context* of
 ``task.tile_context`` pixels per side whose output is dropped (only the tile's core is kept).
 At the image border (``task.tile_border``): ``"wrap"`` pads the image circularly by the context
-first, so that a border tile sees the opposite border as a whole-image FFT solve does (the
-deblurring networks); ``"clamp"`` ends tiles on the image border, where the network pads as it
-pads the whole image (networks whose border padding is local). Cores are joined by
+first, so that a border tile sees the opposite border as a whole-image FFT solve does;
+``"seam"`` does the same and also rolls each border tile so that the image's own wrap-around
+falls on the tile's edge, where the whole image's layers meet their circular padding (ConverseNet:
+its layers pad circularly and crop again, so the whole image is not exactly periodic at its border);
+``"clamp"`` ends tiles on the image border, where the network pads as it pads the whole image
+(networks whose border padding is local). Cores are joined by
 ``blend="crop"`` (the default: each output pixel from the tile whose centre is nearest) or
 ``blend="window"`` (a ramp over the cores' overlap). The weights are separable and normalised
 per row and column, so they sum to one at every output pixel. docs/restore.md has the
@@ -59,7 +62,7 @@ __all__ = [
 ]
 
 BLENDS = ("window", "crop")
-BORDERS = ("wrap", "clamp")  # what a tile at the image border sees beyond it (TiledRestorer)
+BORDERS = ("wrap", "seam", "clamp")  # what a tile at the image border sees beyond it (TiledRestorer)
 MIN_TILE = 16  # smaller tiles are mostly border
 
 
@@ -184,6 +187,24 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int, context: int = 
                     tuple(tile_starts(width, tw - 2 * cx, ox)), cy, cx, oy, ox)
 
 
+def _seam_shifts(p: TilePlan, y: int, x: int) -> tuple[int, int]:
+    """Rows and columns from the top-left corner of the tile at ``(y, x)`` of the context-padded image
+    to the image's own wrap-around (its first row, column) where that lies inside the tile, else 0."""
+
+    def inside(start: int, size: int, context: int, length: int) -> int:
+        return next((seam - start for seam in (context, context + length) if start < seam < start + size), 0)
+
+    return inside(y, p.tile_h, p.context_y, p.height), inside(x, p.tile_w, p.context_x, p.width)
+
+
+def _roll_each(batch: np.ndarray, shifts: list[tuple[int, int]], factor: int) -> np.ndarray:
+    """Each image of ``batch`` rolled by its ``shifts`` times ``factor`` along rows and columns."""
+    if not any(sy or sx for sy, sx in shifts):
+        return batch
+    return np.stack([np.roll(b, (sy * factor, sx * factor), axis=(0, 1))
+                     for b, (sy, sx) in zip(batch, shifts, strict=True)])
+
+
 def _dihedral_batch(x: np.ndarray, mode: int) -> np.ndarray:
     """:func:`~converse_jax.degradations.dihedral` on axes 1, 2 of a batch (B, H, W, ...)."""
     if mode >= 4:
@@ -218,7 +239,9 @@ class TiledRestorer:
     the network sees but whose output is dropped, so that the tile's own wrap-around stays that
     far from every pixel kept. ``border`` (default: the task's ``tile_border``) says what a tile
     at the image border sees beyond it: ``"wrap"``, the image is padded circularly by the context
-    first, so such a tile sees the opposite border as a whole-image FFT solve does; ``"clamp"``,
+    first, so such a tile sees the opposite border as a whole-image FFT solve does; ``"seam"``, the
+    same, and a tile that holds the image's wrap-around (its first row or column) is rolled so that it
+    lies on the tile's own edge, as on the whole image's, and its output rolled back; ``"clamp"``,
     tiles end on the image border (the network pads it as it pads the whole image) and the
     context only widens the overlap to ``max(overlap, 2 * context)``.
 
@@ -274,7 +297,7 @@ class TiledRestorer:
         if not self.task.takes_kernel and kernel is not None:
             raise ValueError(f"this {self.task.label} model does not take a blur kernel")
         h, w, _ = x.shape
-        if self.border == "wrap":
+        if self.border != "clamp":
             p = plan_tiles(h, w, self.tile, self.overlap, self.context)
         else:  # tiles end on the image border: the context is a larger overlap of whole tiles
             shared = min(max(self.overlap, 2 * _capped_context(self.tile, self.context)), (self.tile - 1) // 2)
@@ -300,7 +323,9 @@ class TiledRestorer:
             tiles = np.stack([x[y:y + p.tile_h, c:c + p.tile_w] for _, _, y, c in idx])
             if self.taper and kernel is not None and (p.context_y or p.context_x):
                 tiles = np.stack([D.taper_edges(t, (p.context_y, p.context_x), kernel) for t in tiles])
-            res = self._run_batch(tiles, kernel, sf, x8)[:, cy:cy + ch, cx:cx + cw]
+            shifts = [_seam_shifts(p, y, c) if self.border == "seam" else (0, 0) for _, _, y, c in idx]
+            res = self._run_batch(_roll_each(tiles, shifts, -1), kernel, sf, x8)
+            res = _roll_each(res, shifts, s)[:, cy:cy + ch, cx:cx + cw]
             if out is None:
                 out = np.zeros((p.height * s, p.width * s, res.shape[-1]), np.float32)
             for k, (i, j, y, c) in enumerate(chunk):
@@ -383,5 +408,5 @@ def fit_memory_model(model: Any, task: Task, channels: int, kernel_size: int | N
     ba = compiled_bytes(model, task, (1, a, a, channels), kernel_size, sf)
     bb = compiled_bytes(model, task, (1, b, b, channels), kernel_size, sf)
     per_pixel = max(0.0, (bb - ba) / float(b * b - a * a))
-    context = int(task.tile_context) if task.tile_border == "wrap" else 0
+    context = int(task.tile_context) if task.tile_border != "clamp" else 0
     return MemoryModel(max(0.0, ba - per_pixel * a * a), per_pixel, context)

@@ -158,8 +158,33 @@ def test_default_context_reproduces_the_whole_image_for_a_long_range_solver():
     assert clamp[64:-64, 64:-64].max() < 1e-2 < clamp.max()  # inside fine, the image border is not: no wrap
 
 
+class PaddedWiener(Wiener):
+    """Two Wiener deconvolutions, each of the input padded circularly and cropped again, as the
+    networks' Converse2D layers do: the whole image is not exactly periodic at its own border."""
+
+    def __call__(self, x):
+        p = 6
+        for _ in range(2):
+            x = super().__call__(jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode="wrap"))[:, p:-p, p:-p]
+        return x
+
+
+def test_seam_border_reproduces_a_whole_image_whose_layers_pad_and_crop():
+    """With layers that pad and crop, a border tile reproduces the whole image only when the image's
+    wrap-around lies on the tile's edge (border "seam"); on "wrap" the image border is off."""
+    k = np.outer(np.hanning(7)[1:-1], np.hanning(7)[1:-1])
+    model = PaddedWiener(k / k.sum(), 1e-2)
+    x = _blurred((300, 400, 1), k / k.sum())
+    x = x + np.linspace(0, 0.3, 400, dtype=np.float32)[None, :, None]  # the left and right edges do not match
+    whole = T.TiledRestorer(model, DEBLUR, tile=512)(x)  # one tile spanning the image: the whole image
+    err = {b: np.abs(T.TiledRestorer(model, DEBLUR, tile=256, overlap=32, border=b)(x) - whole).max()
+           for b in T.BORDERS}
+    assert DEBLUR.tile_border == "seam" and err["seam"] < 1e-4
+    assert err["wrap"] > 1e-2 and err["clamp"] > 1e-2  # off at the image border
+
+
 @pytest.mark.parametrize("border", T.BORDERS)
-def test_both_borders_are_exact_for_a_pointwise_network(border):
+def test_every_border_is_exact_for_a_pointwise_network(border):
     x = np.random.default_rng(5).random((70, 45, 1), dtype=np.float32)
     r = T.TiledRestorer(Gain(), DEBLUR, tile=32, overlap=4, context=8, border=border)
     np.testing.assert_allclose(r(x), x * 0.5, rtol=1e-6, atol=1e-7)
