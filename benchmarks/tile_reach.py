@@ -30,6 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kernel", type=int, default=1, help="paper blur kernel (1-5) for the deblurring networks")
     p.add_argument("--name", default="", help="test image the photo is made from (default: the test set's first)")
     args = p.parse_args(argv)
+    if not 1 <= args.kernel <= 5:
+        p.error(f"--kernel must be one of the paper's kernels 1-5, got {args.kernel}")
+    if args.region < 1:
+        p.error(f"--region must be at least 1 pixel, got {args.region}")
     if args.region + 2 * max(args.contexts) > args.photo_size:
         p.error(f"--photo-size {args.photo_size} is too small for a {args.region} px region with "
                 f"{max(args.contexts)} px of context on each side; use a larger photo or smaller contexts")

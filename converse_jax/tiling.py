@@ -339,13 +339,11 @@ class TiledRestorer:
 
 def choose_tile(estimate: Callable[[int], float], height: int, width: int, budget: float,
                 candidates: tuple[int, ...] = (4096, 3072, 2048, 1536, 1024, 768, 512, 384, 256, 192, 128, 96, 64,
-                                               48, 32),
-                whole_budget: float | None = None) -> int:
-    """0 (the whole image) when ``estimate(0)`` bytes fit ``whole_budget`` (default ``budget``), else
-    the largest candidate tile whose ``estimate(tile)`` fits ``budget`` (the smallest candidate if none
-    does). Memory comes first: a tile below four times the task's context gets less context
-    (:func:`axis_context`)."""
-    if estimate(0) <= (budget if whole_budget is None else whole_budget):
+                                               48, 32)) -> int:
+    """0 (the whole image) when ``estimate(0)`` bytes fit ``budget``, else the largest candidate tile
+    whose ``estimate(tile)`` fits it (the smallest candidate if none does). Memory comes first: a tile
+    below four times the task's context gets less context (:func:`axis_context`)."""
+    if estimate(0) <= budget:
         return 0
     for t in candidates:
         if t < max(height, width) and estimate(t) <= budget:
